@@ -1,0 +1,389 @@
+"""Flash attention (non-causal) forward and backward in Triton, FlashAttention-2 style.
+
+    out = flash_attention(q, k, v, softmax_scale=None)     # q: (B, H, Nq, D); k, v: (B, H, Nk, D)
+
+Preconditions (checked by the launcher, ValueError/TypeError otherwise):
+  * q, k, v are 4-D (batch, heads, seq, head_dim) tensors of one dtype: float32, float16
+    or bfloat16, on one CUDA device (or on the CPU when TRITON_INTERPRET=1);
+  * head_dim is a multiple of 8 in [16, 128] (ViT: 32, 64, 80 for ViT-H/14, 128);
+  * q, k, v share batch, heads and head_dim; k and v have the same shape; seq >= 1.
+  Any strides are accepted (q, k, v are usually views of the qkv projection); a tensor
+  whose last dim is not contiguous is copied once with .contiguous().
+
+Design choices:
+  * Any sequence length (197 tokens at 224 px, 577 at 384, 65 for the digits model):
+    the last query/key block is masked, nothing is padded or copied.
+  * head_dim that is not a power of 2 (80) runs in a BLOCK_D = next_power_of_2 tile with
+    the tail columns masked to zero, which leaves every dot product unchanged.
+  * Softmax statistics (running max, sum, log-sum-exp) are fp32 whatever the input dtype;
+    the exponent is base 2 (exp2 is one instruction) with log2(e) folded into the scale.
+    Forward saves lse (natural log, fp32, shape (B, H, Nq)) for the backward.
+  * Backward = three kernels, no atomics (so bf16 gradients need no fp32 scratch):
+    delta = rowsum(dO * O); one program per key block accumulates dK, dV over all query
+    blocks; one program per query block accumulates dQ over all key blocks. P is
+    recomputed from q, k and lse, never stored: memory stays O(N), not O(N^2).
+  * On a GPU, fp16/bf16 operands go straight to tl.dot (tensor cores, fp32 accumulate).
+    The Triton CPU interpreter stores bf16 as raw bits, so there (and only there) the
+    launcher sets the UPCAST constexpr and operands are cast to fp32 after each load.
+  * fp32 inputs use exact ("ieee") products unless torch.backends.cuda.matmul.allow_tf32
+    is set, matching what torch's own fp32 attention does.
+  * Block sizes are autotuned on a GPU (key: seq lengths, head_dim); the interpreter
+    cannot benchmark, so it gets a single config.
+"""
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _configs(gpu_choices, interp_choice):
+    """Autotune configs from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples."""
+    choices = [interp_choice] if INTERPRETING else gpu_choices
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in choices]
+
+
+# Forward: BLOCK_M queries per program, BLOCK_N keys per inner step.
+_FWD_CONFIGS = _configs(
+    [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 4), (128, 128, 8, 3)],
+    (64, 64, 4, 1),
+)
+# Backward: for dK/dV, BLOCK_N keys per program and BLOCK_M queries per step; for dQ the reverse.
+_BWD_CONFIGS = _configs(
+    [(64, 64, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (32, 32, 4, 4)],
+    (64, 64, 4, 1),
+)
+_AUTOTUNE_KEY = ["N_Q", "N_KV", "HEAD_DIM"]
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY)
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+    H, N_Q, N_KV, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # One flat grid axis: (query block, batch*head); no 65535 limit on batch*heads.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(N_Q, BLOCK_M)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    mask_m = offs_m < N_Q
+
+    q_ptrs = Q + off_b * sqb + off_h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + off_b * skb + off_h * skh
+    v_base = V + off_b * svb + off_h * svh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 units
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, N_KV, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < N_KV
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        # Every key block holds at least one real key, so the row max stays finite.
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    o_ptrs = O + off_b * sob + off_h * soh + offs_m[:, None] * son + offs_d[None, :] * sod
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
+    tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, H, N_Q,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # delta_i = sum_d dO_id * O_id, the softmax-Jacobian term shared by every key block.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(N_Q, BLOCK_M)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + off_b * sob + off_h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0)
+    do = tl.load(DO + off_b * sdb + off_h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=_AUTOTUNE_KEY)
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd, sgb, sgh, sgn, sgd,
+    H, N_Q, N_KV, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # One program owns BLOCK_N keys and sweeps every query block, so dK and dV are
+    # written once, with no atomics. Work is laid out transposed ((keys, queries) tiles)
+    # to keep the products in the natural orientation.
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N_KV, BLOCK_N)
+    pid_n = pid % num_n
+    pid_bh = pid // num_n
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    kv_mask = (offs_n[:, None] < N_KV) & mask_d[None, :]
+    k = tl.load(K + off_b * skb + off_h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+    v = tl.load(V + off_b * svb + off_h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    q_base = Q + off_b * sqb + off_h * sqh
+    do_base = DO + off_b * sdb + off_h * sdh
+    stat_base = pid_bh.to(tl.int64) * N_Q
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start_m in range(0, N_Q, BLOCK_M):
+        rows = start_m + offs_m
+        mask_m = rows < N_Q
+        q_mask = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(q_base + rows[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+        do = tl.load(do_base + rows[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse2 = tl.load(LSE + stat_base + rows, mask=mask_m, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + stat_base + rows, mask=mask_m, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (keys, queries)
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        p_t = tl.where(mask_m[None, :], p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+
+    dk = dk * sm_scale
+    # dK and dV are fresh contiguous tensors of one shape: one set of strides (sg*).
+    g_offs = off_b * sgb + off_h * sgh + offs_n[:, None] * sgn + offs_d[None, :] * sgd
+    tl.store(DK + g_offs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + g_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=_AUTOTUNE_KEY)
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd, sgb, sgh, sgn, sgd,
+    H, N_Q, N_KV, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # One program owns BLOCK_M queries and sweeps every key block (P recomputed once more).
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(N_Q, BLOCK_M)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    mask_m = offs_m < N_Q
+    q_mask = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(Q + off_b * sqb + off_h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+    do = tl.load(DO + off_b * sdb + off_h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    stat_base = pid_bh.to(tl.int64) * N_Q
+    lse2 = tl.load(LSE + stat_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + stat_base + offs_m, mask=mask_m, other=0.0)
+    k_base = K + off_b * skb + off_h * skh
+    v_base = V + off_b * svb + off_h * svh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, N_KV, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < N_KV
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse2[:, None])
+        p = tl.where(mask_n[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+    dq = dq * sm_scale
+    tl.store(DQ + off_b * sgb + off_h * sgh + offs_m[:, None] * sgn + offs_d[None, :] * sgd,
+             dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _check_inputs(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"flash_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"flash_attention: {name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+        if t.dim() != 4:
+            raise ValueError(f"flash_attention: {name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"flash_attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"flash_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    want = "cpu" if INTERPRETING else "cuda"
+    if q.device.type != want:
+        where = "the CPU under TRITON_INTERPRET=1" if INTERPRETING else "a CUDA device (or set TRITON_INTERPRET=1 for CPU)"
+        raise ValueError(f"flash_attention: tensors must be on {where}, got {q.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"flash_attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    b, h, n_q, d = q.shape
+    if (k.shape[0], k.shape[1], k.shape[3]) != (b, h, d):
+        raise ValueError(
+            f"flash_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must share batch, heads and head_dim")
+    if d % 8 != 0 or not 16 <= d <= 128:
+        raise ValueError(f"flash_attention: head_dim {d} unsupported; need a multiple of 8 in [16, 128] (e.g. 32, 64, 80, 128)")
+    if n_q == 0 or k.shape[2] == 0 or b * h == 0:
+        raise ValueError(f"flash_attention: empty input, q {tuple(q.shape)}, k {tuple(k.shape)}")
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _kernel_flags(dtype):
+    upcast = INTERPRETING and dtype != torch.float32
+    exact = INTERPRETING or not torch.backends.cuda.matmul.allow_tf32
+    return upcast, ("ieee" if exact or dtype != torch.float32 else "tf32")
+
+
+def flash_attention_fwd(q, k, v, softmax_scale):
+    """Launch the forward kernel; returns (out, lse) with out contiguous and lse fp32 (B, H, Nq)."""
+    b, h, n_q, d = q.shape
+    n_kv = k.shape[2]
+    out = torch.empty((b, h, n_q, d), device=q.device, dtype=q.dtype)
+    lse = torch.empty((b, h, n_q), device=q.device, dtype=torch.float32)
+    upcast, precision = _kernel_flags(q.dtype)
+    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * b * h,)  # noqa: E731
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        h, n_q, n_kv, softmax_scale * LOG2E,
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), UPCAST=upcast, PRECISION=precision,
+    )
+    return out, lse
+
+
+def flash_attention_bwd(do, q, k, v, out, lse, softmax_scale):
+    """Launch the three backward kernels; returns contiguous (dq, dk, dv)."""
+    b, h, n_q, d = q.shape
+    n_kv = k.shape[2]
+    do = _last_dim_contiguous(do)
+    block_d = max(16, triton.next_power_of_2(d))
+    upcast, precision = _kernel_flags(q.dtype)
+
+    delta = torch.empty_like(lse)
+    delta_block = 64
+    _attn_bwd_delta_kernel[(triton.cdiv(n_q, delta_block) * b * h,)](
+        out, do, delta, *out.stride(), *do.stride(), h, n_q,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=delta_block,
+    )
+    # Gradients are fresh contiguous tensors (q, k, v may be strided views of one qkv).
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    common = dict(HEAD_DIM=d, BLOCK_D=block_d, UPCAST=upcast, PRECISION=precision)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    grid_kv = lambda meta: (triton.cdiv(n_kv, meta["BLOCK_N"]) * b * h,)  # noqa: E731
+    _attn_bwd_dkdv_kernel[grid_kv](
+        q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(),
+        h, n_q, n_kv, softmax_scale * LOG2E, softmax_scale, **common)
+    grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * b * h,)  # noqa: E731
+    _attn_bwd_dq_kernel[grid_q](
+        q, k, v, do, lse, delta, dq, *strides, *dq.stride(),
+        h, n_q, n_kv, softmax_scale * LOG2E, softmax_scale, **common)
+    return dq, dk, dv
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, softmax_scale):
+        out, lse = flash_attention_fwd(q, k, v, softmax_scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.softmax_scale = softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = flash_attention_bwd(do, q, k, v, out, lse, ctx.softmax_scale)
+        return dq, dk, dv, None
+
+
+def flash_attention(q, k, v, softmax_scale=None):
+    """softmax(q @ k^T * scale) @ v for (batch, heads, seq, head_dim) tensors; differentiable.
+
+    softmax_scale defaults to 1/sqrt(head_dim). Returns a contiguous tensor of q's dtype.
+    """
+    _check_inputs(q, k, v)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    return FlashAttentionFunction.apply(q, k, v, float(softmax_scale))
+
+
+def attention_ref(q, k, v, softmax_scale=None, upcast=True):
+    """Pure-PyTorch attention: the CPU path and the test oracle.
+
+    upcast=True computes in fp32 (returned in q's dtype); upcast=False computes in the
+    input dtype op by op, i.e. PyTorch's own low-precision error, used to set tolerances.
+    """
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q, k.transpose(-2, -1)) * softmax_scale  # (B, H, Nq, Nk)
+    return torch.matmul(torch.softmax(scores, dim=-1), v).to(dtype)

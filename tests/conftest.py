@@ -1,0 +1,25 @@
+"""Shared pytest setup: the Triton interpreter on machines without CUDA, seeds, temp dirs."""
+import os
+
+# Must be set before any module defining @triton.jit kernels is imported.
+try:
+    import torch as _torch
+
+    _HAS_CUDA = _torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _HAS_CUDA = False
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(__file__), "..", "build", "torch_extensions"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+requires_cuda = pytest.mark.skipif(not _HAS_CUDA, reason="needs a CUDA device (none present)")

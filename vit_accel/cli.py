@@ -1,0 +1,214 @@
+"""`vit-accel`: train, eval, predict, configs, report, convert, inspect, make-shards, plan, bench.
+
+Errors a user can fix (a wrong key, a missing backend, a bad file) print one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .config import ConfigError, list_configs, load_recipe
+
+# (module, function) pairs that register sub-commands living beside their code
+EXTERNAL_COMMANDS = [
+    ("vit_accel.checkpoints", "add_convert_parser"),
+    ("vit_accel.checkpoints", "add_inspect_parser"),
+    ("vit_accel.data", "add_make_shards_parser"),
+    ("vit_accel.data", "add_bench_data_parser"),
+    ("vit_accel.backends.pipeline", "add_plan_parser"),
+    ("vit_accel.bench", "add_bench_parser"),
+]
+
+
+def _recipe_args(p: argparse.ArgumentParser, backend_default: str = "auto") -> None:
+    p.add_argument("--config", default="vit-ti-digits", help="recipe name (configs/NAME.yaml) or a YAML path")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value (repeatable)")
+    p.add_argument("--backend", default=backend_default, choices=["auto", "cpu", "gpu", "ipu"])
+
+
+def cmd_train(args) -> int:
+    recipe = load_recipe(args.config, args.overrides)
+    if args.print_config:
+        print(recipe.to_yaml(), end="")
+        return 0
+    from .engine.trainer import train
+
+    train(recipe, args.backend, run_dir=args.run_dir, resume=args.resume, progress=not args.no_progress,
+          stop_after=args.stop_after)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    recipe = load_recipe(args.config, args.overrides)
+    from .backends import create_backend
+    from .checkpoints import load_pretrained
+    from .engine.trainer import _with_shards, build_model, data_specs, evaluate
+    from .data import build_eval_loader
+
+    backend = create_backend(args.backend, recipe)
+    recipe.model.pretrained = ""
+    model = build_model(recipe, backend)
+    report = load_pretrained(model, args.checkpoint)
+    if backend.is_main:
+        print(f"loaded {args.checkpoint}: {report}")
+    backend.setup(model)
+    _, val_spec = data_specs(recipe)
+    cfg = _with_shards(recipe, "", val_spec)
+    loader = build_eval_loader(cfg, recipe.model.img_size, backend.eval_batch_size,
+                               rank=backend.rank, world_size=backend.world_size)
+    res = evaluate(backend, recipe, loader)
+    if backend.is_main:
+        print(json.dumps(res) if args.json else
+              f"val top-1 {100 * res['val_top1']:.2f}%  top-5 {100 * res['val_top5']:.2f}%  "
+              f"loss {res['val_loss']:.4f}  ({res['val_count']} images)")
+    backend.close()
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import torch
+
+    from .checkpoints import model_from_checkpoint
+    from .data.transforms import load_image_for_eval
+
+    model, _ = model_from_checkpoint(args.checkpoint)
+    model.eval()
+    mean, std = [127.5] * 3, [127.5] * 3
+    if args.config:
+        r = load_recipe(args.config, args.overrides)
+        mean, std = r.data.mean, r.data.std
+    else:
+        payload = _training_payload(args.checkpoint)
+        if payload and payload.get("recipe"):
+            mean, std = payload["recipe"]["data"]["mean"], payload["recipe"]["data"]["std"]
+    m = torch.tensor(mean).view(3, 1, 1)
+    s = torch.tensor(std).view(3, 1, 1)
+    for path in args.images:
+        img = load_image_for_eval(path, model.cfg.img_size)  # uint8 [3, H, W]
+        with torch.no_grad():
+            probs = model(((img.float() - m) / s)[None]).softmax(-1)[0]
+        k = min(args.top, probs.numel())
+        p, idx = probs.topk(k)
+        print(path)
+        for pi, ii in zip(p.tolist(), idx.tolist()):
+            print(f"  class {ii:>5d}  {100 * pi:6.2f}%")
+    return 0
+
+
+def _training_payload(path: str):
+    try:
+        import torch
+
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+        return obj if isinstance(obj, dict) and obj.get("format") == "vit-accel-train" else None
+    except Exception:
+        return None
+
+
+def cmd_configs(args) -> int:
+    items = list_configs()
+    width = max((len(k) for k in items), default=10)
+    for name, desc in items.items():
+        print(f"{name:<{width}}  {desc}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .engine.runlog import format_summary, plot_curves
+
+    rd = Path(args.run_dir)
+    summary = rd / "summary.json"
+    if not summary.exists():
+        if not (rd / "metrics.jsonl").exists():
+            raise ConfigError(f"{rd} is not a run directory (no summary.json or metrics.jsonl)")
+        print(f"{rd}: run not finished (no summary.json); plotting what metrics.jsonl has")
+    else:
+        print(format_summary(json.loads(summary.read_text())))
+    out = plot_curves(rd)
+    print(f"curves: {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vit-accel", description=__doc__.splitlines()[0])
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a recipe")
+    _recipe_args(p)
+    p.add_argument("--run-dir", default=None, help="run directory (default runs/RECIPE-BACKEND-TIME)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="a checkpoint to continue from, or 'auto' (the latest in the run directory)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the recipe's validation split")
+    _recipe_args(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="top-5 classes of images")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--config", default=None, help="recipe for normalization (default: the checkpoint's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--top", type=int, default=5)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("configs", help="list the recipes")
+    p.set_defaults(func=cmd_configs)
+
+    p = sub.add_parser("report", help="print a run's summary and redraw curves.png")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    for module, fn in EXTERNAL_COMMANDS:
+        try:
+            getattr(importlib.import_module(module), fn)(sub)
+        except (ImportError, AttributeError) as e:  # a part not installed: say so when used
+            name = fn[len("add_"):-len("_parser")].replace("_", "-")
+            q = sub.add_parser(name, help=f"(unavailable: {e})")
+            q.set_defaults(func=lambda a, e=e, name=name: _unavailable(name, e))
+    return parser
+
+
+def _unavailable(name: str, e: Exception) -> int:
+    print(f"vit-accel {name}: unavailable in this installation ({e})", file=sys.stderr)
+    return 2
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .backends import BackendUnavailable
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, BackendUnavailable, FileNotFoundError) as e:
+        print(f"vit-accel: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vit-accel: interrupted; resume with --resume auto --run-dir RUN_DIR", file=sys.stderr)
+        return 130
+    except Exception as e:  # errors our own modules raise for bad input carry a clear message
+        if type(e).__name__ in ("CheckpointError", "DataError"):
+            print(f"vit-accel: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,402 @@
+"""Recipes: typed sections loaded from YAML, ``--set section.key=value`` overrides, validation.
+
+A recipe is data with provenance (``configs/NAME.yaml``). Unknown keys and wrong types are
+errors that name the key, the value and what was expected. The global batch is stated once
+(``train.global_batch_size``); each backend's numbers must multiply to it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot run, with a message that says what to change."""
+
+
+# ---------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    name: str = "vit-b16"                 # a row of vit_accel.model.VARIANTS
+    img_size: int = 224
+    patch_size: int = 0                   # 0 = the variant's
+    depth: int = 0                        # 0 = the variant's
+    num_classes: int = 1000
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    representation_size: int = 0          # 0 = none (in-21k checkpoints have width)
+    global_pool: str = "token"
+    layer_norm_eps: float = 1e-6
+    gelu_approximate: str = "none"
+    pretrained: str = ""                  # a file the user passes; nothing is downloaded
+    pretrained_format: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    source: str = "shards"                # "shards" or "digits" (bundled, written on first use)
+    root: str = "data"
+    train_shards: str = ""
+    val_shards: str = ""
+    mean: List[float] = field(default_factory=lambda: [127.5, 127.5, 127.5])
+    std: List[float] = field(default_factory=lambda: [127.5, 127.5, 127.5])
+    scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
+    ratio: List[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
+    interpolation: str = "bilinear"
+    hflip: float = 0.5
+    eval_resize: int = 0
+    workers: int = 4
+    shuffle_buffer: int = 1000
+    resampled: bool = False
+    max_bad_fraction: float = 0.001
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    decoder: str = "auto"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"                     # "sgd" or "adamw"
+    lr: float = 0.08
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-5
+    no_decay: List[str] = field(default_factory=lambda: ["cls_token", "pos_embed"])
+    no_decay_1d: bool = False             # also exempt biases and norm weights (timm style)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    label_smoothing: float = 0.0
+    clip_grad_norm: float = 0.0           # 0 = no clipping
+
+
+@dataclass
+class ScheduleConfig:
+    total_steps: int = 5000
+    warmup_steps: int = 800
+    warmup_start_factor: float = 0.02     # lr at step 0 = factor x lr
+    kind: str = "cosine"                  # "cosine" or "constant" after warm-up
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 2176
+    seed: int = 42
+    log_every: int = 100
+    eval_every: int = 1000                # 0 = only at the end
+    checkpoint_every: int = 1000          # 0 = only at the end
+    keep_checkpoints: int = 2
+    eval_batch_size: int = 0              # 0 = the micro-batch size
+
+
+@dataclass
+class DistributedConfig:
+    zero_stage: int = -1                  # -1 = plain data parallel without DeepSpeed; 0..3 = DeepSpeed ZeRO
+    offload_optimizer: bool = False
+    dist_backend: str = "auto"            # "auto" (nccl on GPUs, gloo on CPU), "nccl", "gloo"
+
+
+@dataclass
+class CPUConfig:
+    micro_batch_size: int = 64
+    gradient_accumulation: int = 0        # 0 = derived from global batch / (micro x world)
+    precision: str = "fp32"               # "fp32" or "bf16" (autocast)
+    threads: int = 0                      # 0 = torch's default
+
+
+@dataclass
+class GPUConfig:
+    micro_batch_size: int = 136
+    gradient_accumulation: int = 0        # 0 = derived from global batch / (micro x world)
+    precision: str = "bf16"               # "bf16", "fp16" (dynamic loss scaling) or "fp32"
+    attn_impl: str = "triton"             # "triton", "sdpa" or "eager"
+    norm_impl: str = "triton"
+    mlp_impl: str = "triton"
+    compile: bool = False
+
+
+@dataclass
+class IPUConfig:
+    micro_batch_size: int = 17
+    gradient_accumulation: int = 32
+    replicas: int = 4
+    device_iterations: int = 1
+    ipus_per_replica: int = 4
+    splits: List[str] = field(default_factory=lambda: ["patch_embed", "blocks.3", "blocks.6", "blocks.9"])
+    layers_per_ipu: List[int] = field(default_factory=list)   # alternative to splits
+    auto_split: bool = False              # balance estimated memory/FLOPs instead
+    recompute: str = "every_block"        # "every_block" or "none"
+    available_memory_proportion: float = 0.3
+    partials_type: str = "half"
+    stochastic_rounding: bool = True
+    half: bool = True                     # model and inputs in fp16
+    loss_scaling: float = 256.0
+    accum_type: str = "half"
+    velocity_accum_type: str = "half"
+    reduction: str = "mean"
+    output_mode: str = "final"
+    optimizer_location: str = "on_chip"   # "on_chip" or "off_chip"
+    replicated_tensor_sharding: bool = False
+    executable_cache: str = ""
+    loader_mode: str = "async_rebatched"
+    buffer_size: int = 8
+
+
+@dataclass
+class PipelineConfig:
+    stages: List[str] = field(default_factory=list)  # stage starts for torch.distributed.pipelining
+    schedule: str = "gpipe"               # "gpipe" or "1f1b"
+    micro_batches: int = 4
+
+
+@dataclass
+class Recipe:
+    name: str = "custom"
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    cpu: CPUConfig = field(default_factory=CPUConfig)
+    gpu: GPUConfig = field(default_factory=GPUConfig)
+    ipu: IPUConfig = field(default_factory=IPUConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS = [f.name for f in dataclasses.fields(Recipe) if f.name not in ("name", "description")]
+
+
+# ---------------------------------------------------------------------------------------
+# Typed construction
+# ---------------------------------------------------------------------------------------
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Check (and gently convert) ``value`` against the annotation ``tp``; errors name the key."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(path, value, args[0])
+    if origin in (list, List):
+        (item,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
+        raise ConfigError(f"{path}: expected a list of {getattr(item, '__name__', item)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{path}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, data: Dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(f"unknown key {where + '.' if where else ''}{unknown[0]}; valid keys"
+                          f"{' in ' + where if where else ''}: {', '.join(names)}")
+    kwargs = {}
+    for k, v in data.items():
+        path = f"{where}.{k}" if where else k
+        if dataclasses.is_dataclass(hints[k]):
+            kwargs[k] = _build(hints[k], v or {}, path)
+        else:
+            kwargs[k] = _coerce(path, v, hints[k])
+    return cls(**kwargs)
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value as YAML (``0.1``, ``true``, ``[3,3,3,3]``, ``vit-b16``)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(raw: Dict[str, Any], assignment: str) -> None:
+    """Apply ``section.key=value`` to the raw recipe dict (validated later by ``_build``)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects section.key=value, got {assignment!r}")
+    key, text = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"--set key must be section.key (sections: {', '.join(SECTIONS)}), got {key!r}")
+    section, name = parts
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown section {section!r} in --set {assignment!r}; valid: {', '.join(SECTIONS)}")
+    value = parse_value(text)
+    hints = typing.get_type_hints(type(getattr(Recipe(), section)))
+    if hints.get(name) is str and not isinstance(value, str):
+        value = text  # '--set model.pretrained=123' is still a string
+    raw.setdefault(section, {})
+    if raw[section] is None:
+        raw[section] = {}
+    raw[section][name] = value
+
+
+# ---------------------------------------------------------------------------------------
+# Finding and loading recipes
+# ---------------------------------------------------------------------------------------
+
+def config_dirs() -> List[Path]:
+    """Where ``--config NAME`` looks: $VIT_ACCEL_CONFIGS, ./configs, the package's configs/."""
+    dirs = []
+    if os.environ.get("VIT_ACCEL_CONFIGS"):
+        dirs.append(Path(os.environ["VIT_ACCEL_CONFIGS"]))
+    dirs.append(Path.cwd() / "configs")
+    dirs.append(Path(__file__).resolve().parent.parent / "configs")
+    seen, out = set(), []
+    for d in dirs:
+        if d.resolve() not in seen:
+            seen.add(d.resolve())
+            out.append(d)
+    return out
+
+
+def find_config(name: str) -> Path:
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    for d in config_dirs():
+        cand = d / f"{name}.yaml"
+        if cand.exists():
+            return cand
+    known = ", ".join(sorted(list_configs())) or "none found"
+    raise ConfigError(f"no recipe named {name!r} (looked in {', '.join(str(d) for d in config_dirs())}); "
+                      f"known recipes: {known}")
+
+
+def list_configs() -> Dict[str, str]:
+    """Recipe name -> one-line description."""
+    out: Dict[str, str] = {}
+    for d in config_dirs():
+        for p in sorted(d.glob("*.yaml")):
+            if p.stem not in out:
+                try:
+                    out[p.stem] = (yaml.safe_load(p.read_text()) or {}).get("description", "")
+                except yaml.YAMLError:
+                    out[p.stem] = "(unreadable YAML)"
+    return out
+
+
+def load_recipe(name: str, overrides: Optional[List[str]] = None) -> Recipe:
+    """Load ``configs/NAME.yaml`` (or a path), apply ``--set`` overrides, validate."""
+    path = find_config(name)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    raw.setdefault("name", path.stem)
+    for a in overrides or []:
+        apply_override(raw, a)
+    recipe = _build(Recipe, raw, "")
+    validate(recipe)
+    return recipe
+
+
+# ---------------------------------------------------------------------------------------
+# Validation and batch arithmetic
+# ---------------------------------------------------------------------------------------
+
+def _one_of(path: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def gradient_accumulation(global_batch: int, micro_batch: int, world_size: int, requested: int = 0) -> int:
+    """Accumulation steps so that micro x accumulation x world = global; errors show the arithmetic."""
+    per_step = micro_batch * world_size
+    if requested:
+        if per_step * requested != global_batch:
+            raise ConfigError(
+                f"batch arithmetic: micro_batch_size {micro_batch} x gradient_accumulation {requested} x "
+                f"world size {world_size} = {per_step * requested}, but train.global_batch_size is "
+                f"{global_batch}")
+        return requested
+    if global_batch % per_step:
+        raise ConfigError(
+            f"batch arithmetic: train.global_batch_size {global_batch} is not divisible by micro_batch_size "
+            f"{micro_batch} x world size {world_size} = {per_step}; choose a micro-batch that divides "
+            f"{global_batch // world_size if global_batch % world_size == 0 else global_batch}")
+    return global_batch // per_step
+
+
+def validate(r: Recipe) -> None:
+    from .model import VARIANTS
+
+    _one_of("model.name", r.model.name, list(VARIANTS))
+    _one_of("model.global_pool", r.model.global_pool, ("token", "avg"))
+    _one_of("data.source", r.data.source, ("shards", "digits"))
+    _one_of("data.interpolation", r.data.interpolation, ("bilinear", "bicubic"))
+    _one_of("optim.name", r.optim.name, ("sgd", "adamw"))
+    _one_of("schedule.kind", r.schedule.kind, ("cosine", "constant"))
+    _one_of("cpu.precision", r.cpu.precision, ("fp32", "bf16"))
+    _one_of("gpu.precision", r.gpu.precision, ("bf16", "fp16", "fp32"))
+    for k in ("attn_impl",):
+        _one_of(f"gpu.{k}", getattr(r.gpu, k), ("triton", "sdpa", "eager"))
+    for k in ("norm_impl", "mlp_impl"):
+        _one_of(f"gpu.{k}", getattr(r.gpu, k), ("triton", "torch"))
+    _one_of("distributed.zero_stage", r.distributed.zero_stage, (-1, 0, 1, 2, 3))
+    _one_of("pipeline.schedule", r.pipeline.schedule, ("gpipe", "1f1b"))
+    if r.data.source == "shards" and not r.data.train_shards:
+        pass  # allowed at load time (eval-only, plan); the trainer asks for it when it needs data
+    if len(r.data.mean) != 3 or len(r.data.std) != 3:
+        raise ConfigError("data.mean and data.std need 3 values (RGB)")
+    if r.schedule.warmup_steps > r.schedule.total_steps:
+        raise ConfigError(f"schedule.warmup_steps {r.schedule.warmup_steps} > schedule.total_steps "
+                          f"{r.schedule.total_steps}")
+    g = r.train.global_batch_size
+    if g <= 0:
+        raise ConfigError("train.global_batch_size must be positive")
+    # The global batch is stated once; each backend's numbers must reach it.
+    ipu = r.ipu
+    if ipu.micro_batch_size * ipu.gradient_accumulation * ipu.replicas != g:
+        raise ConfigError(
+            f"batch arithmetic (ipu): micro_batch_size {ipu.micro_batch_size} x gradient_accumulation "
+            f"{ipu.gradient_accumulation} x replicas {ipu.replicas} = "
+            f"{ipu.micro_batch_size * ipu.gradient_accumulation * ipu.replicas}, but train.global_batch_size "
+            f"is {g}")
+    for name in ("cpu", "gpu"):
+        sec = getattr(r, name)
+        if g % sec.micro_batch_size:
+            raise ConfigError(f"batch arithmetic ({name}): train.global_batch_size {g} is not divisible by "
+                              f"{name}.micro_batch_size {sec.micro_batch_size}")
+        if sec.gradient_accumulation and g % (sec.micro_batch_size * sec.gradient_accumulation):
+            raise ConfigError(
+                f"batch arithmetic ({name}): micro_batch_size {sec.micro_batch_size} x gradient_accumulation "
+                f"{sec.gradient_accumulation} does not divide train.global_batch_size {g}")

@@ -1,0 +1,244 @@
+"""Image decode and transforms without torchvision: PIL (or simplejpeg) on the host, uint8 out.
+
+The host side turns encoded bytes into a uint8 HWC array of the final size; normalization
+and mixup/cutmix run on the device (`normalize`, `mixup_cutmix`), so the host ships 1 byte
+per pixel instead of 4 and the device does the arithmetic.
+
+Random crops are drawn from a `random.Random` the caller seeds per sample (from seed, epoch,
+reader and sample index), so a resumed run draws exactly the crops an uninterrupted run
+would. The crop is chosen on the full-size image and then applied to a possibly reduced
+decode (JPEG DCT scaling: PIL's draft mode or simplejpeg's min_width/min_height), which
+only ever keeps at least the resolution the output needs.
+
+Python 3.8 / torch 2.0 compatible (the IPU backend imports this module).
+"""
+from __future__ import annotations
+
+import io
+import math
+import random
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+try:  # optional fast JPEG decoder (libjpeg-turbo); PIL is the fallback everywhere
+    import simplejpeg as _simplejpeg  # type: ignore
+except ImportError:  # pragma: no cover - depends on the environment
+    _simplejpeg = None
+
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+class DecodeError(Exception):
+    """The bytes are not a decodable image (truncated, wrong format, empty)."""
+
+
+def resample_filter(name: str) -> int:
+    """PIL resampling constant for "bilinear" / "bicubic"."""
+    try:
+        return _RESAMPLE[name]
+    except KeyError:
+        raise ValueError("data.interpolation must be one of %s, got %r" % (sorted(_RESAMPLE), name)) from None
+
+
+def resolve_decoder(name: str) -> str:
+    """"auto" -> "simplejpeg" when importable else "pil"; checks explicit names."""
+    if name == "auto":
+        return "simplejpeg" if _simplejpeg is not None else "pil"
+    if name == "simplejpeg" and _simplejpeg is None:
+        raise ValueError("data.decoder=simplejpeg but simplejpeg is not installed (pip install simplejpeg), "
+                         "or use data.decoder=auto")
+    if name not in ("pil", "simplejpeg"):
+        raise ValueError("data.decoder must be auto, pil or simplejpeg, got %r" % (name,))
+    return name
+
+
+# ----------------------------------------------------------------------------- geometry
+
+def random_resized_crop_box(width: int, height: int, scale: Sequence[float], ratio: Sequence[float],
+                            rng: random.Random) -> Tuple[int, int, int, int]:
+    """(left, top, w, h) of a crop covering `scale` of the area with aspect in `ratio`.
+
+    Ten tries at a random area/aspect that fits, then a center crop with the aspect clamped
+    into `ratio` (the standard RandomResizedCrop rule, so recipes transfer).
+    """
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def resize_shorter_size(width: int, height: int, shorter: int) -> Tuple[int, int]:
+    """Output (w, h) when the shorter side becomes `shorter` (aspect kept, long side truncated)."""
+    if width <= height:
+        return shorter, max(1, int(shorter * height / width))
+    return max(1, int(shorter * width / height)), shorter
+
+
+def center_crop_box(width: int, height: int, size: int) -> Tuple[int, int, int, int]:
+    """(left, top, w, h) of the centered size x size window (clamped to the image)."""
+    w, h = min(size, width), min(size, height)
+    return int(round((width - w) / 2.0)), int(round((height - h) / 2.0)), w, h
+
+
+# ----------------------------------------------------------------------------- decode
+
+def open_image(data: bytes) -> Image.Image:
+    """Parse the header only (no pixel decode); DecodeError when the bytes are no image."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, ValueError, SyntaxError...
+        raise DecodeError("%s: %s" % (type(e).__name__, e)) from None
+
+
+def load_rgb(img: Image.Image, data: bytes, decoder: str = "pil", need: Tuple[float, float] = (0.0, 0.0)) -> Image.Image:
+    """Decode an `open_image` result to RGB; `need` is the least (w, h) the caller samples from.
+
+    JPEGs are decoded at 1/2, 1/4 or 1/8 scale when the result stays at least `need` (PIL
+    draft mode or simplejpeg's min size): the cheapest pixels are the ones never decoded.
+    Raises DecodeError for anything that is not a complete image (truncated, corrupt).
+    """
+    need_w, need_h = int(math.ceil(need[0])), int(math.ceil(need[1]))
+    try:
+        if decoder == "simplejpeg" and img.format == "JPEG":
+            arr = _simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=max(need_w, 1),
+                                          min_height=max(need_h, 1))
+            return Image.fromarray(arr)
+        if img.format == "JPEG" and need_w > 0 and need_h > 0 and img.width >= 2 * need_w \
+                and img.height >= 2 * need_h:
+            img.draft("RGB", (need_w, need_h))
+        img.load()
+        return img if img.mode == "RGB" else img.convert("RGB")
+    except Exception as e:  # truncated data surfaces here, at load time, as OSError/ValueError/...
+        raise DecodeError("%s: %s" % (type(e).__name__, e)) from None
+
+
+def decode_image(data: bytes, decoder: str = "pil") -> Image.Image:
+    """Encoded bytes -> full-size RGB PIL image (DecodeError when not a complete image)."""
+    return load_rgb(open_image(data), data, decoder)
+
+
+# ----------------------------------------------------------------------------- per-sample transforms
+
+def train_transform(data: bytes, img_size: int, rng: random.Random, scale: Sequence[float] = (0.08, 1.0),
+                    ratio: Sequence[float] = (0.75, 4.0 / 3.0), interpolation: str = "bilinear",
+                    hflip: float = 0.5, decoder: str = "pil") -> np.ndarray:
+    """Encoded bytes -> uint8 (img_size, img_size, 3): RandomResizedCrop + horizontal flip.
+
+    All random draws come from `rng` before any pixel work, in a fixed order (crop, flip),
+    so the result depends only on the bytes and the rng seed.
+    """
+    img = open_image(data)
+    width, height = img.size
+    left, top, w, h = random_resized_crop_box(width, height, scale, ratio, rng)
+    flip = rng.random() < hflip
+    # The crop is resampled to img_size, so a decode reduced until the crop is ~img_size loses nothing.
+    img = load_rgb(img, data, decoder, (img_size * width / w, img_size * height / h))
+    sx, sy = img.width / width, img.height / height
+    box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+    img = img.resize((img_size, img_size), resample_filter(interpolation), box=box)
+    if flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(img)
+
+
+def eval_transform(data: bytes, img_size: int, resize: int = 0, interpolation: str = "bilinear",
+                   decoder: str = "pil") -> np.ndarray:
+    """Encoded bytes -> uint8 (img_size, img_size, 3): shorter side to `resize` (0: img_size), center crop."""
+    resize = resize or img_size
+    img = open_image(data)
+    out_w, out_h = resize_shorter_size(img.width, img.height, resize)
+    img = load_rgb(img, data, decoder, (out_w, out_h))
+    img = img.resize((out_w, out_h), resample_filter(interpolation))
+    left, top, w, h = center_crop_box(out_w, out_h, img_size)
+    img = img.crop((left, top, left + w, top + h))
+    if img.size != (img_size, img_size):  # the image was smaller than the crop: pad, never stretch
+        canvas = Image.new("RGB", (img_size, img_size))
+        canvas.paste(img, ((img_size - w) // 2, (img_size - h) // 2))
+        img = canvas
+    return np.asarray(img)
+
+
+# ----------------------------------------------------------------------------- device-side ops
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [B, 3, H, W] (0..255) -> (x - mean) / std in `dtype`, on the images' device.
+
+    The arithmetic runs in float32 and is cast once, so bf16/fp16 outputs carry one rounding.
+    """
+    if images.dim() != 4 or images.shape[1] != len(mean) or len(mean) != len(std):
+        raise ValueError("normalize expects [B, C, H, W] with C == len(mean) == len(std); got %s, %d means, %d stds"
+                         % (tuple(images.shape), len(mean), len(std)))
+    m = torch.tensor(list(mean), dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    inv = 1.0 / torch.tensor(list(std), dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    out = (images.to(torch.float32) - m) * inv
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def _beta(alpha: float, generator: torch.Generator) -> float:
+    # torch.distributions.Beta takes no generator; draw a numpy seed from the torch one so a
+    # seeded generator fixes lambda, on whatever device the generator lives.
+    seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator, device=generator.device).item())
+    return float(np.random.default_rng(seed).beta(alpha, alpha))
+
+
+def _uniform(generator: torch.Generator) -> float:
+    return float(torch.rand((1,), generator=generator, device=generator.device).item())
+
+
+def mixup_cutmix(images: torch.Tensor, labels: torch.Tensor, num_classes: int, mixup_alpha: float,
+                 cutmix_alpha: float, generator: torch.Generator,
+                 smoothing: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Batch mixup or cutmix with the batch reversed as partner -> (images, soft targets [B, num_classes]).
+
+    Both alphas > 0: each call picks one of the two with probability 1/2. Both 0: images
+    unchanged, targets one-hot (with optional label smoothing). Mixup needs floating images
+    (call after `normalize`); cutmix works on any dtype. Pairing with the reversed batch
+    needs no permutation draw, so a batch split across devices mixes the same way.
+    """
+    if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+        raise ValueError("labels must be [B] matching images [B, ...]; got %s and %s"
+                         % (tuple(labels.shape), tuple(images.shape)))
+    off = smoothing / num_classes
+    onehot = torch.nn.functional.one_hot(labels.long(), num_classes).to(torch.float32)
+    targets = onehot * (1.0 - smoothing) + off
+    use_mixup, use_cutmix = mixup_alpha > 0, cutmix_alpha > 0
+    if not (use_mixup or use_cutmix):
+        return images, targets
+    if use_mixup and use_cutmix:
+        use_cutmix = _uniform(generator) < 0.5
+        use_mixup = not use_cutmix
+    partner_targets = targets.flip(0)
+    if use_mixup:
+        if not images.is_floating_point():
+            raise TypeError("mixup needs floating images (apply normalize first); got %s" % (images.dtype,))
+        lam = _beta(mixup_alpha, generator)
+        mixed = images * lam + images.flip(0) * (1.0 - lam)
+    else:
+        lam = _beta(cutmix_alpha, generator)
+        height, width = images.shape[-2], images.shape[-1]
+        cut = math.sqrt(1.0 - lam)
+        cut_h, cut_w = int(height * cut), int(width * cut)
+        cy, cx = int(_uniform(generator) * height), int(_uniform(generator) * width)
+        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
+        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+        mixed = images.clone()
+        mixed[..., y0:y1, x0:x1] = images.flip(0)[..., y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)  # the area actually pasted
+    return mixed, targets * lam + partner_targets * (1.0 - lam)

@@ -1,0 +1,1 @@
+"""Backend-agnostic training: schedule, optimizer groups, trainer loop, run directory, logging."""

@@ -1,0 +1,143 @@
+"""What a run leaves behind: progress bar, metrics.jsonl, TensorBoard, summary.json, curves.png."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+
+class RunLog:
+    """Writes the run directory's logs; a no-op on ranks other than 0."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool = True,
+                 progress: bool = True):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.bar = None
+        self.tb = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = open(self.run_dir / "metrics.jsonl", "a")
+        if progress:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                                file=sys.stderr, mininterval=1.0, desc="train")
+            except ImportError:
+                self.bar = None
+        try:  # TensorBoard events when tensorboard is installed
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tb"))
+        except Exception:
+            self.tb = None
+
+    def advance(self, n: int, postfix: Dict[str, str]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(n)
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = dict(record, time=round(time.time(), 3))
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "time", "kind") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record["step"])
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        self.metrics.close()
+
+
+def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill mid-write
+    return out
+
+
+def plot_curves(run_dir: Path, out: Optional[Path] = None) -> Path:
+    """Draw loss, validation accuracy and learning rate against step into curves.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    train = _dedupe([r for r in records if r.get("kind") == "train"])
+    val = _dedupe([r for r in records if r.get("kind") == "val"])
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1.2)
+    axes[0].set_title("training loss")
+    axes[0].set_yscale("log")
+    if val:
+        axes[1].plot([r["step"] for r in val], [100 * r["val_top1"] for r in val], "o-", label="top-1")
+        axes[1].plot([r["step"] for r in val], [100 * r["val_top5"] for r in val], "s--", label="top-5")
+        axes[1].legend()
+    axes[1].set_title("validation accuracy (%)")
+    axes[2].plot([r["step"] for r in train], [r["lr"] for r in train], lw=1.2)
+    axes[2].set_title("learning rate")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        s = json.loads(summary_path.read_text())
+        fig.suptitle(f"{s.get('recipe', '')} on {s.get('backend', '')}: val top-1 "
+                     f"{100 * s.get('val_top1', 0):.2f}%, {s.get('images_per_second', 0):.0f} images/s")
+    fig.tight_layout()
+    out = Path(out) if out else run_dir / "curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _dedupe(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Keep the last record per step (a resumed run re-logs steps after its checkpoint)."""
+    by_step: Dict[int, Dict[str, Any]] = {}
+    for r in records:
+        by_step[r["step"]] = r
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def format_summary(s: Dict[str, Any]) -> str:
+    lines = [f"run        {s.get('run_dir', '')}",
+             f"recipe     {s.get('recipe')}  backend {s.get('backend')}  world size {s.get('world_size', 1)}",
+             f"steps      {s.get('steps')}  global batch {s.get('global_batch_size')}",
+             f"val top-1  {100 * s.get('val_top1', float('nan')):.2f}%   top-5 "
+             f"{100 * s.get('val_top5', float('nan')):.2f}%",
+             f"train loss {s.get('train_loss', float('nan')):.4f}",
+             f"speed      {s.get('images_per_second', 0):.1f} images/s, wall {s.get('wall_seconds', 0):.1f} s"]
+    if s.get("bad_samples"):
+        lines.append(f"skipped    {s['bad_samples']} bad samples (see metrics.jsonl)")
+    return "\n".join(lines)

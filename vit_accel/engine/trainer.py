@@ -1,0 +1,327 @@
+"""The trainer: one loop for every backend.
+
+    recipe -> backend -> model (+ pretrained) -> loaders -> [resume] -> steps -> eval -> summary
+
+Exact resume: a checkpoint holds model, optimizer, step, data position and RNG states, and
+the dropout RNG is re-seeded from (seed, rank, step) every step, so a run killed at any point
+and resumed from its last checkpoint ends with the same weights as one never interrupted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import re
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..backends import Backend, create_backend
+from ..config import ConfigError, Recipe
+from ..model import ViT, create_vit
+from .runlog import RunLog, format_summary, plot_curves
+from .schedule import lr_at
+
+CKPT_RE = re.compile(r"step_(\d+)\.pt$")
+
+
+# ---------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------
+
+def model_overrides(recipe: Recipe) -> Dict[str, Any]:
+    m = recipe.model
+    out: Dict[str, Any] = dict(img_size=m.img_size, num_classes=m.num_classes, drop_rate=m.drop_rate,
+                               attn_drop_rate=m.attn_drop_rate, drop_path_rate=m.drop_path_rate,
+                               global_pool=m.global_pool, layer_norm_eps=m.layer_norm_eps,
+                               gelu_approximate=m.gelu_approximate)
+    if m.patch_size:
+        out["patch_size"] = m.patch_size
+    if m.depth:
+        out["depth"] = m.depth
+    if m.representation_size:
+        out["representation_size"] = m.representation_size
+    return out
+
+
+def build_model(recipe: Recipe, backend: Optional[Backend] = None, log=print) -> ViT:
+    """The recipe's ViT with the backend's ops; loads ``model.pretrained`` when given."""
+    opts = model_overrides(recipe)
+    if backend is not None:
+        opts.update(backend.model_options())
+    model = create_vit(recipe.model.name, **opts)
+    if recipe.model.pretrained:
+        from ..checkpoints import load_pretrained
+
+        report = load_pretrained(model, recipe.model.pretrained, format=recipe.model.pretrained_format)
+        log(f"pretrained weights: {report}")
+    return model
+
+
+def data_specs(recipe: Recipe) -> Tuple[str, str]:
+    """Train and validation shard specs; the bundled digits are written on first use."""
+    d = recipe.data
+    if d.source == "digits":
+        from ..data.digits import ensure_digits
+
+        train, val, _ = ensure_digits(d.root)
+        return train, val
+    if not d.train_shards:
+        raise ConfigError("data.train_shards is empty: point it at webdataset shards "
+                          "(--set data.train_shards=/path/train-{000000..000099}.tar), "
+                          "or write some with `vit-accel make-shards`")
+    return d.train_shards, d.val_shards
+
+
+def _with_shards(recipe: Recipe, train: str, val: str):
+    from dataclasses import replace
+
+    return replace(recipe.data, train_shards=train, val_shards=val)
+
+
+def evaluate(backend: Backend, recipe: Recipe, loader: Iterable) -> Dict[str, float]:
+    """Top-1, top-5 and loss over the validation split (summed over every process)."""
+    sums = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, loss_sum, count
+    for images, labels in loader:
+        logits = backend.eval_step(images)
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top == labels.view(-1, 1)
+        sums += torch.tensor([hit[:, :1].sum().item(), hit.sum().item(),
+                              F.cross_entropy(logits, labels, reduction="sum").item(), labels.numel()],
+                             dtype=torch.float64)
+    sums = backend.all_reduce_sum(sums)
+    n = max(sums[3].item(), 1.0)
+    return {"val_top1": sums[0].item() / n, "val_top5": sums[1].item() / n, "val_loss": sums[2].item() / n,
+            "val_count": int(sums[3].item())}
+
+
+# ---------------------------------------------------------------------------------------
+# Run directory and checkpoints
+# ---------------------------------------------------------------------------------------
+
+def default_run_dir(recipe: Recipe, backend_name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{recipe.name}-{backend_name}-{stamp}"
+
+
+def list_checkpoints(run_dir: Path):
+    d = Path(run_dir) / "checkpoints"
+    if not d.exists():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CKPT_RE.search(p.name)) and not p.name.startswith(".")]
+    return [p for _, p in sorted(found)]
+
+
+def latest_run_dir(recipe: Recipe, backend_name: str) -> Optional[Path]:
+    root = Path("runs")
+    if not root.exists():
+        return None
+    cands = sorted(root.glob(f"{recipe.name}-{backend_name}-*"))
+    cands = [c for c in cands if list_checkpoints(c)]
+    return cands[-1] if cands else None
+
+
+def _rng_state() -> Dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(s: Dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2 ** 63)
+
+
+def versions() -> Dict[str, str]:
+    from .. import __version__
+
+    out = {"vit_accel": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    for mod in ("triton", "deepspeed", "poptorch", "webdataset"):
+        m = __import__("sys").modules.get(mod)
+        if m is not None and hasattr(m, "__version__"):
+            out[mod] = str(m.__version__)
+    return out
+
+
+def _broadcast_run_dir(backend: Backend, run_dir: Path) -> Path:
+    if backend.world_size > 1 and torch.distributed.is_initialized():
+        box = [str(run_dir)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return Path(box[0])
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------
+
+def train(recipe: Recipe, backend_name: str = "auto", run_dir: Optional[str] = None,
+          resume: Optional[str] = None, progress: bool = True, stop_after: Optional[int] = None) -> Dict[str, Any]:
+    """Train ``recipe`` on a backend; returns the summary (also written to summary.json).
+
+    ``resume``: a checkpoint path, or "auto" for the latest in the run directory.
+    ``stop_after``: end after this step (for tests and partial runs); checkpoints as usual.
+    """
+    backend = create_backend(backend_name, recipe)
+    main = backend.is_main
+    say = (lambda s: print(s, flush=True)) if main else (lambda s: None)
+    say(f"vit-accel: backend {backend.name} ({backend.world_size} process(es)), recipe {recipe.name}")
+
+    # -- run directory and resume point ---------------------------------------------------
+    ckpt_path: Optional[Path] = None
+    if resume == "auto" and run_dir is None:
+        found = latest_run_dir(recipe, backend.name)
+        run_dir = str(found) if found else None
+    rd = Path(run_dir) if run_dir else default_run_dir(recipe, backend.name)
+    rd = _broadcast_run_dir(backend, rd)
+    if resume == "auto":
+        ckpts = list_checkpoints(rd)
+        ckpt_path = ckpts[-1] if ckpts else None
+        if ckpt_path is None:
+            say(f"--resume auto: no checkpoint in {rd}; starting from step 0")
+    elif resume:
+        ckpt_path = Path(resume)
+        if not ckpt_path.exists():
+            raise ConfigError(f"--resume {resume}: no such checkpoint")
+
+    # -- model, backend, data -------------------------------------------------------------
+    seed = recipe.train.seed
+    torch.manual_seed(seed)
+    model = build_model(recipe, backend, log=say)
+    backend.setup(model)
+    train_spec, val_spec = data_specs(recipe)
+    from ..data import build_eval_loader, build_train_loader
+
+    data_cfg = _with_shards(recipe, train_spec, val_spec)
+    img = recipe.model.img_size
+    train_loader = build_train_loader(data_cfg, img, backend.batch_per_call, seed=seed,
+                                      rank=backend.rank, world_size=backend.world_size)
+
+    def val_loader():
+        return build_eval_loader(data_cfg, img, backend.eval_batch_size, rank=backend.rank,
+                                 world_size=backend.world_size)
+
+    step = 0
+    if ckpt_path is not None:
+        state = backend.load_state(ckpt_path)
+        step = int(state["step"])
+        train_loader.load_state_dict(state["data"])
+        if state.get("rng"):
+            _set_rng_state(state["rng"])
+        say(f"resumed from {ckpt_path} at step {step}")
+
+    wrap = getattr(backend, "wrap_train_loader", None)
+    batches = iter(wrap(train_loader) if wrap else train_loader)
+    total = recipe.schedule.total_steps
+    end = min(total, stop_after) if stop_after else total
+    log = RunLog(rd, total, step, enabled=main, progress=progress)
+    if main:
+        (rd / "recipe.yaml").write_text(recipe.to_yaml())
+    say(f"run directory {rd}; {backend.batch_per_call} images per call x {backend.world_size} process(es); "
+        f"global batch {recipe.train.global_batch_size}; steps {step} -> {end}")
+
+    # -- steps ----------------------------------------------------------------------------
+    t_start = time.time()
+    train_time, images_done, window_loss, window_n = 0.0, 0, 0.0, 0
+    last_loss = float("nan")
+    val: Dict[str, float] = {}
+    spc = backend.steps_per_call
+    while step < end:
+        torch.manual_seed(_step_seed(seed, backend.rank, step))
+        lr = lr_at(step, recipe.schedule, recipe.optim.lr)
+        images, labels = next(batches)
+        t0 = time.perf_counter()
+        result = backend.train_step(images, labels, lr)
+        dt = time.perf_counter() - t0
+        if not np.isfinite(result.loss):
+            raise FloatingPointError(f"loss is {result.loss} at step {step} (lr {lr:.3g}); "
+                                     f"lower optim.lr or enable optim.clip_grad_norm")
+        step += spc
+        train_time += dt
+        images_done += images.shape[0] * backend.world_size
+        window_loss += result.loss
+        window_n += 1
+        ips = images.shape[0] * backend.world_size / max(dt, 1e-9)
+        log.advance(spc, {"loss": f"{result.loss:.4f}", "lr": f"{lr:.3g}", "img/s": f"{ips:.0f}"})
+        if step % recipe.train.log_every < spc or step >= end:
+            last_loss = window_loss / window_n
+            rec = {"kind": "train", "step": step, "loss": last_loss, "lr": lr,
+                   "images_per_second": images_done / max(train_time, 1e-9)}
+            if result.grad_norm is not None:
+                rec["grad_norm"] = result.grad_norm
+            log.write(rec)
+            window_loss, window_n = 0.0, 0
+        if recipe.train.eval_every and step % recipe.train.eval_every < spc and step < end:
+            val = evaluate(backend, recipe, val_loader())
+            log.write(dict(kind="val", step=step, **val))
+            log.message(f"step {step}: val top-1 {100 * val['val_top1']:.2f}%  top-5 {100 * val['val_top5']:.2f}%")
+        if recipe.train.checkpoint_every and step % recipe.train.checkpoint_every < spc and step < end:
+            save_checkpoint(backend, recipe, rd, step, train_loader)
+
+    # -- end: final checkpoint, evaluation, summary ------------------------------------------
+    save_checkpoint(backend, recipe, rd, step, train_loader)
+    val = evaluate(backend, recipe, val_loader())
+    log.write(dict(kind="val", step=step, **val))
+    log.close()
+    bad = getattr(train_loader, "bad_samples", None)
+    summary = {
+        "recipe": recipe.name, "backend": backend.name, "world_size": backend.world_size,
+        "run_dir": str(rd), "steps": step, "global_batch_size": recipe.train.global_batch_size,
+        "val_top1": val["val_top1"], "val_top5": val["val_top5"], "val_loss": val["val_loss"],
+        "train_loss": last_loss, "images_per_second": images_done / max(train_time, 1e-9),
+        "wall_seconds": time.time() - t_start, "versions": versions(),
+        "bad_samples": len(bad) if bad is not None else 0,
+    }
+    if main:
+        (rd / "summary.json").write_text(json.dumps(summary, indent=2))
+        plot_curves(rd)
+        say(format_summary(summary))
+    backend.close()
+    return summary
+
+
+def save_checkpoint(backend: Backend, recipe: Recipe, run_dir: Path, step: int, loader) -> Path:
+    """Write checkpoints/step_N.pt atomically and keep the newest ``train.keep_checkpoints``."""
+    from ..model import ViTConfig  # noqa: F401  (documented: vit_config is ViTConfig.to_dict())
+
+    path = Path(run_dir) / "checkpoints" / f"step_{step:07d}.pt"
+    extra = {"step": step, "data": loader.state_dict(), "rng": _rng_state(), "recipe": recipe.to_dict(),
+             "vit_config": create_vit_config_dict(recipe, backend)}
+    backend.save_state(path, extra)
+    if backend.is_main and recipe.train.keep_checkpoints > 0:
+        for old in list_checkpoints(run_dir)[:-recipe.train.keep_checkpoints]:
+            _remove(old)
+    return path
+
+
+def create_vit_config_dict(recipe: Recipe, backend: Optional[Backend]) -> Dict[str, Any]:
+    """The ViTConfig of the trained model with portable (torch) ops, for eval/convert anywhere."""
+    from ..model import vit_config
+
+    cfg = vit_config(recipe.model.name, **model_overrides(recipe)).to_dict()
+    cfg.update(attn_impl="sdpa", norm_impl="torch", mlp_impl="torch")
+    return cfg
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+    side = path.with_suffix(".ds")  # DeepSpeed's directory beside the file, when present
+    if side.exists():
+        shutil.rmtree(side, ignore_errors=True)
