@@ -23,7 +23,7 @@ train: $(STAMP)
 	$(VENV)/bin/vit-accel train --config vit-ti-digits
 
 lint-py38: $(STAMP)
-	$(PY) -m vit_accel.tools.check_py38
+	$(PY) tools/check_py38.py
 
 test: $(STAMP) lint-py38
 	$(INTERP) $(PY) -m pytest -q tests

@@ -377,9 +377,8 @@ def validate(r: Recipe) -> None:
         pass  # allowed at load time (eval-only, plan); the trainer asks for it when it needs data
     if len(r.data.mean) != 3 or len(r.data.std) != 3:
         raise ConfigError("data.mean and data.std need 3 values (RGB)")
-    if r.schedule.warmup_steps > r.schedule.total_steps:
-        raise ConfigError(f"schedule.warmup_steps {r.schedule.warmup_steps} > schedule.total_steps "
-                          f"{r.schedule.total_steps}")
+    if r.schedule.total_steps <= 0 or r.schedule.warmup_steps < 0:
+        raise ConfigError("schedule.total_steps must be positive and schedule.warmup_steps >= 0")
     g = r.train.global_batch_size
     if g <= 0:
         raise ConfigError("train.global_batch_size must be positive")

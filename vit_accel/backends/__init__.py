@@ -25,8 +25,11 @@ def resolve_backend(name: str) -> str:
     """'auto' picks ipu, then gpu, then cpu by availability; others must be available or raise."""
     if name == "auto":
         for cand in AUTO_ORDER:
-            if backend_class(cand).unavailable_reason() is None:
-                return cand
+            try:
+                if backend_class(cand).unavailable_reason() is None:
+                    return cand
+            except ImportError:  # a backend module that cannot even import is unavailable
+                continue
         return "cpu"
     reason: Optional[str] = backend_class(name).unavailable_reason()
     if reason:

@@ -99,7 +99,6 @@ def plot_curves(run_dir: Path, out: Optional[Path] = None) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1.2)
     axes[0].set_title("training loss")
-    axes[0].set_yscale("log")
     if val:
         axes[1].plot([r["step"] for r in val], [100 * r["val_top1"] for r in val], "o-", label="top-1")
         axes[1].plot([r["step"] for r in val], [100 * r["val_top5"] for r in val], "s--", label="top-5")

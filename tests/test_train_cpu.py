@@ -1,0 +1,89 @@
+"""End to end on the CPU backend with the bundled digits: learning, kill + resume, report."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vit_accel.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+# a small, fast version of the embedded default
+TINY = ["--set", "model.depth=2", "--set", "train.global_batch_size=32", "--set", "cpu.micro_batch_size=16",
+        "--set", "data.workers=2", "--set", "train.log_every=5"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+def _run(args, cwd, env=None):
+    e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.Popen([sys.executable, "-m", "vit_accel"] + args, cwd=cwd, env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_digits_run_beats_chance_and_writes_the_run_dir(tmp_path, data_root, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rd = tmp_path / "run"
+    code = main(["train", "--config", "vit-ti-digits", "--run-dir", str(rd), "--no-progress",
+                 "--set", f"data.root={data_root}", "--set", "schedule.total_steps=60",
+                 "--set", "schedule.warmup_steps=10", "--set", "train.eval_every=30",
+                 "--set", "train.checkpoint_every=30"] + TINY)
+    assert code == 0
+    summary = json.loads((rd / "summary.json").read_text())
+    assert summary["val_top1"] > 0.5, summary  # chance is 0.1
+    assert summary["steps"] == 60 and summary["backend"] == "cpu"
+    for key in ("val_top5", "train_loss", "images_per_second", "wall_seconds", "recipe", "versions"):
+        assert key in summary
+    records = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(5, 61, 5))
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert sum(r["kind"] == "val" for r in records) == 2
+    assert (rd / "curves.png").stat().st_size > 10_000
+    (rd / "curves.png").unlink()
+    assert main(["report", str(rd)]) == 0
+    assert (rd / "curves.png").exists()
+
+
+def _final_weights(rd: Path, step: int):
+    ck = torch.load(rd / "checkpoints" / f"step_{step:07d}.pt", map_location="cpu", weights_only=False)
+    return ck["model"]
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, data_root):
+    common = ["train", "--config", "vit-ti-digits", "--no-progress", "--set", f"data.root={data_root}",
+              "--set", "schedule.total_steps=24", "--set", "schedule.warmup_steps=4",
+              "--set", "train.eval_every=0", "--set", "train.checkpoint_every=8",
+              "--set", "train.keep_checkpoints=0", "--set", "model.drop_rate=0.1"] + TINY
+    # one epoch of digits train is ~45 steps at batch 32: step 8..16 is mid-epoch
+    full = _run(common + ["--run-dir", str(tmp_path / "full")], cwd=tmp_path)
+    out, _ = full.communicate(timeout=600)
+    assert full.returncode == 0, out
+
+    rd = tmp_path / "killed"
+    victim = _run(common + ["--run-dir", str(rd)], cwd=tmp_path)
+    deadline = time.time() + 600
+    while not (rd / "checkpoints" / "step_0000016.pt").exists():
+        assert victim.poll() is None, victim.communicate()[0]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (rd / "summary.json").exists()
+
+    resumed = _run(common + ["--run-dir", str(rd), "--resume", "auto"], cwd=tmp_path)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert "resumed from" in out and "step_0000016.pt" in out
+    a, b = _final_weights(tmp_path / "full", 24), _final_weights(rd, 24)
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= 1e-6, worst
