@@ -74,24 +74,25 @@ def cmd_predict(args) -> int:
     import torch
 
     from .checkpoints import model_from_checkpoint
-    from .data.transforms import load_image_for_eval
+    from .data.transforms import eval_transform, normalize
 
     model, _ = model_from_checkpoint(args.checkpoint)
     model.eval()
-    mean, std = [127.5] * 3, [127.5] * 3
+    data = None
     if args.config:
-        r = load_recipe(args.config, args.overrides)
-        mean, std = r.data.mean, r.data.std
+        data = load_recipe(args.config, args.overrides).data.__dict__
     else:
         payload = _training_payload(args.checkpoint)
         if payload and payload.get("recipe"):
-            mean, std = payload["recipe"]["data"]["mean"], payload["recipe"]["data"]["std"]
-    m = torch.tensor(mean).view(3, 1, 1)
-    s = torch.tensor(std).view(3, 1, 1)
+            data = payload["recipe"]["data"]
+    mean, std = (data["mean"], data["std"]) if data else ([127.5] * 3, [127.5] * 3)
+    resize = data.get("eval_resize", 0) if data else 0
     for path in args.images:
-        img = load_image_for_eval(path, model.cfg.img_size)  # uint8 [3, H, W]
+        with open(path, "rb") as f:
+            hwc = eval_transform(f.read(), model.cfg.img_size, resize=resize)  # uint8 (H, W, 3)
+        img = torch.from_numpy(hwc.copy()).permute(2, 0, 1)[None]
         with torch.no_grad():
-            probs = model(((img.float() - m) / s)[None]).softmax(-1)[0]
+            probs = model(normalize(img, mean, std)).softmax(-1)[0]
         k = min(args.top, probs.numel())
         p, idx = probs.topk(k)
         print(path)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import gradient_accumulation
+from ..data.transforms import normalize
 from ..engine.optim import build_optimizer, set_lr
 from .base import Backend, StepResult
 
@@ -30,9 +31,6 @@ class CPUBackend(Backend):
         sec = self.section
         self._accum = gradient_accumulation(recipe.train.global_batch_size, sec.micro_batch_size,
                                             self.world_size, sec.gradient_accumulation)
-        mean = torch.tensor(recipe.data.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(recipe.data.std, dtype=torch.float32).view(1, 3, 1, 1)
-        self._mean, self._std = mean.to(self.device), std.to(self.device)
 
     # -- setup ----------------------------------------------------------------------------
     @property
@@ -89,11 +87,12 @@ class CPUBackend(Backend):
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B,3,H,W] on the host -> normalized float32 on the device (4x fewer bytes moved)."""
-        x = images.to(self.device, non_blocking=True).float()
-        return (x - self._mean) / self._std
+        return normalize(images.to(self.device, non_blocking=True), self.recipe.data.mean, self.recipe.data.std)
 
     def loss_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), target, label_smoothing=self.recipe.optim.label_smoothing)
+        # soft targets (mixup/cutmix) already carry the label smoothing
+        smoothing = 0.0 if target.is_floating_point() else self.recipe.optim.label_smoothing
+        return F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> StepResult:
         if self.strategy is not None:

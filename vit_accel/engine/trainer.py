@@ -235,10 +235,18 @@ def train(recipe: Recipe, backend_name: str = "auto", run_dir: Optional[str] = N
     last_loss = float("nan")
     val: Dict[str, float] = {}
     spc = backend.steps_per_call
+    mix = recipe.data.mixup > 0 or recipe.data.cutmix > 0
+    if mix:
+        from ..data import mixup_cutmix
     while step < end:
         torch.manual_seed(_step_seed(seed, backend.rank, step))
         lr = lr_at(step, recipe.schedule, recipe.optim.lr)
         images, labels = next(batches)
+        if mix:  # on the host, before normalization (linear, so the same as after), for every backend
+            gen = torch.Generator().manual_seed(_step_seed(seed, backend.rank, step))
+            images, labels = mixup_cutmix(images.float() if recipe.data.mixup > 0 else images, labels,
+                                          recipe.model.num_classes, recipe.data.mixup, recipe.data.cutmix, gen,
+                                          smoothing=recipe.optim.label_smoothing)
         t0 = time.perf_counter()
         result = backend.train_step(images, labels, lr)
         dt = time.perf_counter() - t0
@@ -272,14 +280,14 @@ def train(recipe: Recipe, backend_name: str = "auto", run_dir: Optional[str] = N
     val = evaluate(backend, recipe, val_loader())
     log.write(dict(kind="val", step=step, **val))
     log.close()
-    bad = getattr(train_loader, "bad_samples", None)
+    stats = getattr(train_loader, "stats", None)
     summary = {
         "recipe": recipe.name, "backend": backend.name, "world_size": backend.world_size,
         "run_dir": str(rd), "steps": step, "global_batch_size": recipe.train.global_batch_size,
         "val_top1": val["val_top1"], "val_top5": val["val_top5"], "val_loss": val["val_loss"],
         "train_loss": last_loss, "images_per_second": images_done / max(train_time, 1e-9),
         "wall_seconds": time.time() - t_start, "versions": versions(),
-        "bad_samples": len(bad) if bad is not None else 0,
+        "bad_samples": int(stats.bad) if stats is not None else 0,
     }
     if main:
         (rd / "summary.json").write_text(json.dumps(summary, indent=2))
