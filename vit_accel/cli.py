@@ -31,8 +31,18 @@ def _recipe_args(p: argparse.ArgumentParser, backend_default: str = "auto") -> N
     p.add_argument("--backend", default=backend_default, choices=["auto", "cpu", "gpu", "ipu"])
 
 
+def _load_for_backend(args):
+    """Resolve the backend first: the recipe's batch arithmetic is checked for that backend."""
+    from .backends import resolve_backend
+
+    if getattr(args, "print_config", False) and args.backend == "auto":
+        return load_recipe(args.config, args.overrides)
+    args.backend = resolve_backend(args.backend)
+    return load_recipe(args.config, args.overrides, backends=[args.backend])
+
+
 def cmd_train(args) -> int:
-    recipe = load_recipe(args.config, args.overrides)
+    recipe = _load_for_backend(args)
     if args.print_config:
         print(recipe.to_yaml(), end="")
         return 0
@@ -44,7 +54,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    recipe = load_recipe(args.config, args.overrides)
+    recipe = _load_for_backend(args)
     from .backends import create_backend
     from .checkpoints import load_pretrained
     from .engine.trainer import _with_shards, build_model, data_specs, evaluate

@@ -314,8 +314,13 @@ def list_configs() -> Dict[str, str]:
     return out
 
 
-def load_recipe(name: str, overrides: Optional[List[str]] = None) -> Recipe:
-    """Load ``configs/NAME.yaml`` (or a path), apply ``--set`` overrides, validate."""
+def load_recipe(name: str, overrides: Optional[List[str]] = None, backends: Optional[List[str]] = None) -> Recipe:
+    """Load ``configs/NAME.yaml`` (or a path), apply ``--set`` overrides, validate.
+
+    ``backends``: whose batch arithmetic must reach the global batch (default: every section;
+    the CLI passes the backend it runs, so ``--set train.global_batch_size=...`` for a CPU run
+    does not also demand a new IPU layout).
+    """
     path = find_config(name)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -325,7 +330,7 @@ def load_recipe(name: str, overrides: Optional[List[str]] = None) -> Recipe:
     for a in overrides or []:
         apply_override(raw, a)
     recipe = _build(Recipe, raw, "")
-    validate(recipe)
+    validate(recipe, backends)
     return recipe
 
 
@@ -356,7 +361,7 @@ def gradient_accumulation(global_batch: int, micro_batch: int, world_size: int, 
     return global_batch // per_step
 
 
-def validate(r: Recipe) -> None:
+def validate(r: Recipe, backends: Optional[List[str]] = None) -> None:
     from .model import VARIANTS
 
     _one_of("model.name", r.model.name, list(VARIANTS))
@@ -383,14 +388,15 @@ def validate(r: Recipe) -> None:
     if g <= 0:
         raise ConfigError("train.global_batch_size must be positive")
     # The global batch is stated once; each backend's numbers must reach it.
+    backends = list(backends) if backends else ["cpu", "gpu", "ipu"]
     ipu = r.ipu
-    if ipu.micro_batch_size * ipu.gradient_accumulation * ipu.replicas != g:
+    if "ipu" in backends and ipu.micro_batch_size * ipu.gradient_accumulation * ipu.replicas != g:
         raise ConfigError(
             f"batch arithmetic (ipu): micro_batch_size {ipu.micro_batch_size} x gradient_accumulation "
             f"{ipu.gradient_accumulation} x replicas {ipu.replicas} = "
             f"{ipu.micro_batch_size * ipu.gradient_accumulation * ipu.replicas}, but train.global_batch_size "
             f"is {g}")
-    for name in ("cpu", "gpu"):
+    for name in [b for b in ("cpu", "gpu") if b in backends]:
         sec = getattr(r, name)
         if g % sec.micro_batch_size:
             raise ConfigError(f"batch arithmetic ({name}): train.global_batch_size {g} is not divisible by "

@@ -310,7 +310,7 @@ def _write_shard(task: Dict[str, Any]) -> Dict[str, Any]:
     path, classes = task["path"], task["classes"]
     old = task.get("existing")
     if old and os.path.exists(path) and old.get("sha256") == file_sha256(path):
-        return dict(old, reused=True)
+        return dict(old, reused=True)  # "skipped" of this shard came along from the old manifest
     skipped = []
     count = 0
     tmp = path + ".tmp-%d" % os.getpid()
@@ -319,7 +319,7 @@ def _write_shard(task: Dict[str, Any]) -> Dict[str, Any]:
             try:
                 ext, data = encode_sample(s, task["resize"], task["quality"], task["verify"])
             except _Skip as e:
-                skipped.append({"source": s.source, "reason": str(e)})
+                skipped.append({"source": s.source, "reason": str(e), "shard": os.path.basename(path)})
                 continue
             meta = {"label": s.label, "class": classes[s.label], "source": s.source}
             _add_member(tar, s.key + ".cls", str(s.label).encode())
@@ -334,8 +334,15 @@ def _write_shard(task: Dict[str, Any]) -> Dict[str, Any]:
 def _plan_hash(samples: Sequence[SourceSample], options: Dict[str, Any]) -> str:
     h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
     for s in samples:
-        size = len(s.data) if s.data is not None else -1
-        h.update(("%s\0%d\0%s\0%d\n" % (s.key, s.label, s.source, size)).encode())
+        if s.data is not None:
+            stamp = "%d" % len(s.data)
+        else:  # a replaced source image changes the plan, so its shard is rewritten
+            try:
+                st = os.stat(s.path)
+                stamp = "%d:%d" % (st.st_size, st.st_mtime_ns)
+            except OSError:
+                stamp = "missing"
+        h.update(("%s\0%d\0%s\0%s\n" % (s.key, s.label, s.source, stamp)).encode())
     return h.hexdigest()
 
 
@@ -381,7 +388,9 @@ def write_shards(samples: Sequence[SourceSample], out_dir: str, name: str, class
                 old = json.load(f)
             old_names = [s["name"] for s in old.get("shards", [])]
             if old.get("plan") == plan:
-                old_entries = {s["name"]: s for s in old.get("shards", []) if s.get("sha256")}
+                old_entries = {s["name"]: dict(s, skipped=[k for k in old.get("skipped", [])
+                                                          if k.get("shard") == s["name"]])
+                               for s in old.get("shards", []) if s.get("sha256")}
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable manifest: rewrite everything
     tasks = []

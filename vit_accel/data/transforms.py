@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import math
 import random
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 import torch

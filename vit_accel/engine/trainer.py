@@ -302,7 +302,13 @@ def save_checkpoint(backend: Backend, recipe: Recipe, run_dir: Path, step: int, 
     from ..model import ViTConfig  # noqa: F401  (documented: vit_config is ViTConfig.to_dict())
 
     path = Path(run_dir) / "checkpoints" / f"step_{step:07d}.pt"
-    extra = {"step": step, "data": loader.state_dict(), "rng": _rng_state(), "recipe": recipe.to_dict(),
+    data_state = loader.state_dict()
+    if backend.world_size > 1 and torch.distributed.is_initialized():
+        # every rank's own position (bad samples skipped differ per rank); each picks its own on resume
+        per_rank = [None] * backend.world_size
+        torch.distributed.all_gather_object(per_rank, data_state)
+        data_state = {"per_rank": per_rank}
+    extra = {"step": step, "data": data_state, "rng": _rng_state(), "recipe": recipe.to_dict(),
              "vit_config": create_vit_config_dict(recipe, backend)}
     backend.save_state(path, extra)
     if backend.is_main and recipe.train.keep_checkpoints > 0:
