@@ -18,10 +18,11 @@ Design choices:
   * Softmax statistics (running max, sum, log-sum-exp) are fp32 whatever the input dtype;
     the exponent is base 2 (exp2 is one instruction) with log2(e) folded into the scale.
     Forward saves lse (natural log, fp32, shape (B, H, Nq)) for the backward.
-  * Backward = three kernels, no atomics (so bf16 gradients need no fp32 scratch):
-    delta = rowsum(dO * O); one program per key block accumulates dK, dV over all query
-    blocks; one program per query block accumulates dQ over all key blocks. P is
-    recomputed from q, k and lse, never stored: memory stays O(N), not O(N^2).
+  * Backward = two kernels, no atomics (so bf16 gradients need no fp32 scratch): one
+    program per query block accumulates dQ over all key blocks and, on the way, writes
+    delta = rowsum(dO * O) (the usual preprocess pass, folded in); then one program per
+    key block accumulates dK, dV over all query blocks. P is recomputed from q, k and
+    lse, never stored: memory stays O(N), not O(N^2).
   * On a GPU, fp16/bf16 operands go straight to tl.dot (tensor cores, fp32 accumulate).
     The Triton CPU interpreter stores bf16 as raw bits, so there (and only there) the
     launcher sets the UPCAST constexpr and operands are cast to fp32 after each load.
@@ -39,7 +40,6 @@ import triton.language as tl
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -73,7 +73,7 @@ def _attn_fwd_kernel(
 ):
     # One flat grid axis: (query block, batch*head); no 65535 limit on batch*heads.
     pid = tl.program_id(0)
-    num_m = tl.cdiv(N_Q, BLOCK_M)
+    num_m = (N_Q + BLOCK_M - 1) // BLOCK_M
     pid_m = pid % num_m
     pid_bh = pid // num_m
     off_b = (pid_bh // H).to(tl.int64)
@@ -89,8 +89,10 @@ def _attn_fwd_kernel(
     q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    k_base = K + off_b * skb + off_h * skh
-    v_base = V + off_b * svb + off_h * svh
+    # Tile pointers are built once and advanced by BLOCK_N rows per step (cheap on a GPU,
+    # and far fewer integer ops for the interpreter).
+    k_ptrs = K + off_b * skb + off_h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
+    v_ptrs = V + off_b * svb + off_h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 units
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s - m_i)
@@ -99,8 +101,10 @@ def _attn_fwd_kernel(
         cols = start_n + offs_n
         mask_n = cols < N_KV
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        k_ptrs += BLOCK_N * skn
+        v_ptrs += BLOCK_N * svn
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -121,27 +125,6 @@ def _attn_fwd_kernel(
     tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=mask_m)
 
 
-@triton.jit
-def _attn_bwd_delta_kernel(
-    O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, H, N_Q,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    # delta_i = sum_d dO_id * O_id, the softmax-Jacobian term shared by every key block.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(N_Q, BLOCK_M)
-    pid_m = pid % num_m
-    pid_bh = pid // num_m
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + off_b * sob + off_h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0)
-    do = tl.load(DO + off_b * sdb + off_h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + pid_bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
-
-
 @triton.autotune(configs=_BWD_CONFIGS, key=_AUTOTUNE_KEY)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
@@ -155,7 +138,7 @@ def _attn_bwd_dkdv_kernel(
     # written once, with no atomics. Work is laid out transposed ((keys, queries) tiles)
     # to keep the products in the natural orientation.
     pid = tl.program_id(0)
-    num_n = tl.cdiv(N_KV, BLOCK_N)
+    num_n = (N_KV + BLOCK_N - 1) // BLOCK_N
     pid_n = pid % num_n
     pid_bh = pid // num_n
     off_b = (pid_bh // H).to(tl.int64)
@@ -171,8 +154,8 @@ def _attn_bwd_dkdv_kernel(
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    q_base = Q + off_b * sqb + off_h * sqh
-    do_base = DO + off_b * sdb + off_h * sdh
+    q_ptrs = Q + off_b * sqb + off_h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd
+    do_ptrs = DO + off_b * sdb + off_h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd
     stat_base = pid_bh.to(tl.int64) * N_Q
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -181,8 +164,10 @@ def _attn_bwd_dkdv_kernel(
         rows = start_m + offs_m
         mask_m = rows < N_Q
         q_mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(q_base + rows[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
-        do = tl.load(do_base + rows[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask, other=0.0)
+        q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+        do = tl.load(do_ptrs, mask=q_mask, other=0.0)
+        q_ptrs += BLOCK_M * sqn
+        do_ptrs += BLOCK_M * sdn
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
@@ -206,15 +191,17 @@ def _attn_bwd_dkdv_kernel(
 @triton.autotune(configs=_BWD_CONFIGS, key=_AUTOTUNE_KEY)
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, O, DO, LSE, DELTA, DQ,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd, sgb, sgh, sgn, sgd,
     H, N_Q, N_KV, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # One program owns BLOCK_M queries and sweeps every key block (P recomputed once more).
+    # It runs first and also writes delta_i = sum_d dO_id * O_id (the softmax-Jacobian
+    # term) for its queries, which the dK/dV kernel then reads: no separate preprocess.
     pid = tl.program_id(0)
-    num_m = tl.cdiv(N_Q, BLOCK_M)
+    num_m = (N_Q + BLOCK_M - 1) // BLOCK_M
     pid_m = pid % num_m
     pid_bh = pid // num_m
     off_b = (pid_bh // H).to(tl.int64)
@@ -228,22 +215,29 @@ def _attn_bwd_dq_kernel(
     q_mask = mask_m[:, None] & mask_d[None, :]
     q = tl.load(Q + off_b * sqb + off_h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
     do = tl.load(DO + off_b * sdb + off_h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask, other=0.0)
+    # O is our own contiguous output, shaped like dQ: it shares dQ's strides (sg*).
+    o = tl.load(O + off_b * sgb + off_h * sgh + offs_m[:, None] * sgn + offs_d[None, :] * sgd, mask=q_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    stat_base = pid_bh.to(tl.int64) * N_Q
+    tl.store(DELTA + stat_base + offs_m, delta, mask=mask_m)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    stat_base = pid_bh.to(tl.int64) * N_Q
     lse2 = tl.load(LSE + stat_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + stat_base + offs_m, mask=mask_m, other=0.0)
-    k_base = K + off_b * skb + off_h * skh
-    v_base = V + off_b * svb + off_h * svh
+    # Tile pointers are built once and advanced by BLOCK_N rows per step (cheap on a GPU,
+    # and far fewer integer ops for the interpreter).
+    k_ptrs = K + off_b * skb + off_h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
+    v_ptrs = V + off_b * svb + off_h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, N_KV, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < N_KV
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        k_ptrs += BLOCK_N * skn
+        v_ptrs += BLOCK_N * svn
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -295,9 +289,11 @@ def _last_dim_contiguous(t):
 
 
 def _kernel_flags(dtype):
+    """(UPCAST, PRECISION): fp32 upcast only under the interpreter; input_precision only
+    matters for fp32 operands ("tf32", Triton's default, is passed for fp16/bf16)."""
     upcast = INTERPRETING and dtype != torch.float32
-    exact = INTERPRETING or not torch.backends.cuda.matmul.allow_tf32
-    return upcast, ("ieee" if exact or dtype != torch.float32 else "tf32")
+    exact_fp32 = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    return upcast, ("ieee" if exact_fp32 else "tf32")
 
 
 def flash_attention_fwd(q, k, v, softmax_scale):
@@ -317,7 +313,7 @@ def flash_attention_fwd(q, k, v, softmax_scale):
 
 
 def flash_attention_bwd(do, q, k, v, out, lse, softmax_scale):
-    """Launch the three backward kernels; returns contiguous (dq, dk, dv)."""
+    """Launch the backward (dQ + delta, then dK/dV); returns contiguous (dq, dk, dv)."""
     b, h, n_q, d = q.shape
     n_kv = k.shape[2]
     do = _last_dim_contiguous(do)
@@ -325,24 +321,21 @@ def flash_attention_bwd(do, q, k, v, out, lse, softmax_scale):
     upcast, precision = _kernel_flags(q.dtype)
 
     delta = torch.empty_like(lse)
-    delta_block = 64
-    _attn_bwd_delta_kernel[(triton.cdiv(n_q, delta_block) * b * h,)](
-        out, do, delta, *out.stride(), *do.stride(), h, n_q,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=delta_block,
-    )
+    assert out.is_contiguous()
     # Gradients are fresh contiguous tensors (q, k, v may be strided views of one qkv).
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     common = dict(HEAD_DIM=d, BLOCK_D=block_d, UPCAST=upcast, PRECISION=precision)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    # Order matters: the dQ kernel writes delta, which the dK/dV kernel reads.
+    grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * b * h,)  # noqa: E731
+    _attn_bwd_dq_kernel[grid_q](
+        q, k, v, out, do, lse, delta, dq, *strides, *dq.stride(),
+        h, n_q, n_kv, softmax_scale * LOG2E, softmax_scale, **common)
     grid_kv = lambda meta: (triton.cdiv(n_kv, meta["BLOCK_N"]) * b * h,)  # noqa: E731
     _attn_bwd_dkdv_kernel[grid_kv](
         q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(),
-        h, n_q, n_kv, softmax_scale * LOG2E, softmax_scale, **common)
-    grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * b * h,)  # noqa: E731
-    _attn_bwd_dq_kernel[grid_q](
-        q, k, v, do, lse, delta, dq, *strides, *dq.stride(),
         h, n_q, n_kv, softmax_scale * LOG2E, softmax_scale, **common)
     return dq, dk, dv
 

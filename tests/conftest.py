@@ -23,3 +23,13 @@ def _seed():
 
 
 requires_cuda = pytest.mark.skipif(not _HAS_CUDA, reason="needs a CUDA device (none present)")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds sync cost, and on a shared 2-core box
+    an oversubscribed pool makes every small op ~10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -38,12 +38,7 @@ SMALL = ["model.name=vit-ti16", "model.img_size=16", "model.patch_size=8", "mode
          "optim.label_smoothing=0.0", "optim.clip_grad_norm=0.0", "optim.no_decay_1d=false"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)     # 2 shared cores: oversubscribed threads only spin
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

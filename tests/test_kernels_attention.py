@@ -10,21 +10,10 @@ import math
 import pytest
 import torch
 
-from kernels import INTERPRETING
+from kernel_tolerance import DEVICE, DTYPES, assert_close_to_ref
 from kernels.attention import attention_ref, flash_attention, flash_attention_fwd
 
-DEVICE = "cpu" if INTERPRETING or not torch.cuda.is_available() else "cuda"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# floor, relative to the largest reference value: fp32 reordering, ~1 ulp of fp16/bf16
-FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
-
-def assert_close_to_ref(ours, ref, torch_lp, dtype, what):
-    ref = ref.float()
-    err = (ours.float() - ref).abs().max().item()
-    torch_err = (torch_lp.float() - ref).abs().max().item()
-    floor = FLOOR[dtype] * max(1.0, ref.abs().max().item())
-    assert err <= 2 * torch_err + floor, f"{what}: error {err:.3e} > 2 x torch {torch_err:.3e} + {floor:.1e}"
 
 
 def _inputs(b, h, n_q, n_kv, d, dtype):
@@ -56,7 +45,8 @@ def _check_against_torch(b, h, n_q, n_kv, d, dtype):
 
 
 # (batch, heads, seq, head_dim): seq 1, sub-block 50, digits 65, ViT 197 and 577 tokens.
-SHAPES = [(1, 2, 1, 64), (2, 2, 50, 64), (1, 2, 65, 80), (2, 3, 197, 64), (1, 2, 197, 80), (1, 1, 577, 64)]
+# The interpreter's dot gets slow as head_dim grows (no BLAS), hence one head at 197 x 80.
+SHAPES = [(1, 2, 1, 64), (2, 2, 50, 64), (1, 2, 65, 80), (2, 3, 197, 64), (1, 1, 197, 80), (1, 1, 577, 64)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -104,13 +94,15 @@ def test_large_logits_stay_finite():
     assert (out.float() - ref).abs().max().item() < 0.05
 
 
+@pytest.mark.filterwarnings("ignore:Input #:UserWarning")
 def test_gradcheck_fp32():
     # fp32 gradcheck (the kernels take no fp64): eps 1e-3 gives ~1e-4 finite-difference
-    # noise, so atol is 1e-3 rather than the fp64 default.
-    q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 9, 11, 16, torch.float32))
+    # noise, so atol is 1e-3 rather than the fp64 default. fast_mode checks a random
+    # projection of the Jacobian: a few launches instead of one per input element.
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 5, 7, 16, torch.float32))
     assert torch.autograd.gradcheck(
         lambda q, k, v: flash_attention(q, k, v, softmax_scale=0.5), (q, k, v),
-        eps=1e-3, atol=1e-3, rtol=1e-2, nondet_tol=1e-6)
+        eps=1e-3, atol=1e-3, rtol=1e-2, fast_mode=True)
 
 
 @pytest.mark.parametrize(
@@ -132,7 +124,7 @@ def test_precondition_errors(kwargs, error, match):
     dtype = kwargs.get("dtype", torch.float16)
     q = torch.ones(1, 2, 9, d, device=DEVICE).to(dtype)
     k = torch.ones(kwargs.get("kv_shape", (1, 2, 9, d)), device=DEVICE).to(dtype)
-    v = torch.ones(1, 2, kwargs.get("v_len", 9), d, device=DEVICE).to(dtype)
+    v = torch.ones(kwargs.get("kv_shape", (1, 2, kwargs.get("v_len", 9), d)), device=DEVICE).to(dtype)
     if kwargs.get("mixed"):
         v = v.float()
     if kwargs.get("three_d"):

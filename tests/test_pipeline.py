@@ -11,12 +11,7 @@ from vit_accel.backends import pipeline as pl
 from vit_accel.model import count_macs, create_vit, vit_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)     # 2 shared cores: oversubscribed threads only spin
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(depth=4, **kw):

@@ -33,18 +33,18 @@ def test_digits_run_beats_chance_and_writes_the_run_dir(tmp_path, data_root, mon
     monkeypatch.chdir(tmp_path)
     rd = tmp_path / "run"
     code = main(["train", "--config", "vit-ti-digits", "--run-dir", str(rd), "--no-progress",
-                 "--set", f"data.root={data_root}", "--set", "schedule.total_steps=60",
-                 "--set", "schedule.warmup_steps=10", "--set", "train.eval_every=30",
-                 "--set", "train.checkpoint_every=30"] + TINY)
+                 "--set", f"data.root={data_root}", "--set", "schedule.total_steps=150",
+                 "--set", "schedule.warmup_steps=10", "--set", "train.eval_every=75",
+                 "--set", "train.checkpoint_every=75"] + TINY)
     assert code == 0
     summary = json.loads((rd / "summary.json").read_text())
     assert summary["val_top1"] > 0.5, summary  # chance is 0.1
-    assert summary["steps"] == 60 and summary["backend"] == "cpu"
+    assert summary["steps"] == 150 and summary["backend"] == "cpu"
     for key in ("val_top5", "train_loss", "images_per_second", "wall_seconds", "recipe", "versions"):
         assert key in summary
     records = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
-    assert [r["step"] for r in train] == list(range(5, 61, 5))
+    assert [r["step"] for r in train] == list(range(5, 151, 5))
     assert train[-1]["loss"] < train[0]["loss"]
     assert sum(r["kind"] == "val" for r in records) == 2
     assert (rd / "curves.png").stat().st_size > 10_000

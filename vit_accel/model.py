@@ -51,6 +51,7 @@ class ViTConfig:
     representation_size: Optional[int] = None
     global_pool: str = "token"
     gelu_approximate: str = "none"
+    pos_embed_std: float = 0.02           # init scale; small data learns faster with ~0.5-1
     attn_impl: str = "sdpa"
     norm_impl: str = "torch"
     mlp_impl: str = "torch"
@@ -293,8 +294,9 @@ class ViT(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """timm / big_vision initialization: trunc-normal 0.02, tiny cls token, zero head."""
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        """timm / big_vision initialization: trunc-normal pos-embed (0.02 by default), tiny cls
+        token, zero head."""
+        nn.init.trunc_normal_(self.pos_embed, std=self.cfg.pos_embed_std)  # cut at +-2, as timm
         nn.init.normal_(self.cls_token, std=1e-6)
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):

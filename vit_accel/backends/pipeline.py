@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from ..config import ConfigError, Recipe
+from ..config import ConfigError, Recipe, vit_options
 from ..model import ViTConfig, vit_config
 
 # GC200 (IPU-M2000 / Bow-2000) In-Processor Memory per IPU: the budget the estimates compare to.
@@ -337,17 +337,8 @@ def auto_plan(cfg: ViTConfig, num_devices: int, cm: CostModel, recompute: str = 
 # ---------------------------------------------------------------------------------------
 
 def model_config(recipe: Recipe) -> ViTConfig:
-    m = recipe.model
-    kw = dict(img_size=m.img_size, num_classes=m.num_classes, drop_rate=m.drop_rate,
-              attn_drop_rate=m.attn_drop_rate, drop_path_rate=m.drop_path_rate,
-              representation_size=m.representation_size or None, global_pool=m.global_pool,
-              layer_norm_eps=m.layer_norm_eps, gelu_approximate=m.gelu_approximate)
-    if m.patch_size:
-        kw["patch_size"] = m.patch_size
-    if getattr(m, "depth", 0):
-        kw["depth"] = m.depth
     try:
-        return vit_config(m.name, **kw)
+        return vit_config(recipe.model.name, **vit_options(recipe.model))
     except ValueError as e:
         raise ConfigError(f"model: {e}") from e
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import Backend, create_backend
-from ..config import ConfigError, Recipe
+from ..config import ConfigError, Recipe, vit_options
 from ..model import ViT, create_vit
 from .runlog import RunLog, format_summary, plot_curves
 from .schedule import lr_at
@@ -35,18 +35,8 @@ CKPT_RE = re.compile(r"step_(\d+)\.pt$")
 # ---------------------------------------------------------------------------------------
 
 def model_overrides(recipe: Recipe) -> Dict[str, Any]:
-    m = recipe.model
-    out: Dict[str, Any] = dict(img_size=m.img_size, num_classes=m.num_classes, drop_rate=m.drop_rate,
-                               attn_drop_rate=m.attn_drop_rate, drop_path_rate=m.drop_path_rate,
-                               global_pool=m.global_pool, layer_norm_eps=m.layer_norm_eps,
-                               gelu_approximate=m.gelu_approximate)
-    if m.patch_size:
-        out["patch_size"] = m.patch_size
-    if m.depth:
-        out["depth"] = m.depth
-    if m.representation_size:
-        out["representation_size"] = m.representation_size
-    return out
+    """``create_vit`` options of the recipe's model section (ops excluded: the backend's)."""
+    return vit_options(recipe.model)
 
 
 def build_model(recipe: Recipe, backend: Optional[Backend] = None, log=print) -> ViT:
@@ -239,9 +229,11 @@ def train(recipe: Recipe, backend_name: str = "auto", run_dir: Optional[str] = N
     if mix:
         from ..data import mixup_cutmix
     while step < end:
+        images, labels = next(batches)
+        # Seeded after the fetch: starting DataLoader workers draws from torch's RNG, and that
+        # happens at a different step in a resumed run.
         torch.manual_seed(_step_seed(seed, backend.rank, step))
         lr = lr_at(step, recipe.schedule, recipe.optim.lr)
-        images, labels = next(batches)
         if mix:  # on the host, before normalization (linear, so the same as after), for every backend
             gen = torch.Generator().manual_seed(_step_seed(seed, backend.rank, step))
             images, labels = mixup_cutmix(images.float() if recipe.data.mixup > 0 else images, labels,

@@ -1,0 +1,342 @@
+"""Read and write ViT checkpoints: timm, MMClassification/mmpretrain, HF transformers, Google npz, ours.
+
+Every reader (``files.py``; key maps in ``formats.py`` and ``npz.py``) turns a file into a
+timm-keyed state dict (the keys of ``ViT.state_dict()``) plus hints the file knows beyond tensor
+shapes (heads, LayerNorm eps). One loader (here) then fits it to a model: the position grid is
+resampled, a head of another class count is dropped, a shape mismatch is an error that names
+every tensor.
+
+Our own formats:
+
+* ``vit-accel``: a safetensors file of the timm-keyed state dict with metadata
+  ``{"format": "vit-accel", "vit_config": json.dumps(ViTConfig.to_dict())}``.
+* ``vit-accel-train`` (written by the engine): ``torch.save({"format": "vit-accel-train",
+  "model": state_dict, "vit_config": dict, ...optimizer, step...})``; only ``model`` is read.
+
+Python 3.8 / torch 2.0 compatible (the IPU path imports it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..model import VARIANTS, ViT, ViTConfig
+from .files import CheckpointError, Source, read
+from .formats import FORMATS, MMCLS, rename, timm_to_hf
+from .npz import timm_to_npz
+
+__all__ = ["FORMATS", "CheckpointError", "LoadReport", "load_pretrained", "config_from_checkpoint",
+           "model_from_checkpoint", "save_checkpoint", "inspect_checkpoint", "resample_pos_embed",
+           "add_convert_parser", "add_inspect_parser"]
+
+HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # timm/mmcls files do not record heads
+_IMPL_FIELDS = ("attn_impl", "norm_impl", "mlp_impl")  # where a model ran, not what it is
+
+
+@dataclass
+class LoadReport:
+    format: str
+    path: str = ""
+    loaded: int = 0
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    resized: List[str] = field(default_factory=list)
+    dropped: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = ["loaded %d tensors from %s (format %s)" % (self.loaded, self.path, self.format)]
+        for name in ("resized", "dropped", "missing", "unexpected", "notes"):
+            for item in getattr(self, name):
+                lines.append("  %-10s %s" % (name.rstrip("s") + ":", item))
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# Fitting a state dict to a model
+# ---------------------------------------------------------------------------------------
+
+def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """(1, prefix + g*g, D) -> (1, prefix + new_grid**2, D): bicubic on the grid, prefix kept."""
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    g = math.isqrt(grid.shape[1])
+    if g * g != grid.shape[1]:
+        raise CheckpointError("pos_embed has %d grid tokens, not a square grid" % grid.shape[1])
+    x = grid.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()  # (1, D, g, g)
+    x = F.interpolate(x, size=(new_grid, new_grid), mode="bicubic", align_corners=False, antialias=False)
+    x = x.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1).to(pos_embed.dtype)
+    return torch.cat([prefix, x], dim=1)
+
+
+def _fit(model: ViT, src: Source, strict_shapes: bool) -> LoadReport:
+    own = model.state_dict()
+    sd = dict(src.tensors)
+    cfg = model.cfg
+    rep = LoadReport(format=src.format, path=src.path, notes=list(src.notes))
+    heads = src.hints.get("num_heads") or (src.hints.get("vit_config") or {}).get("num_heads")
+    if heads and heads != cfg.num_heads:
+        raise CheckpointError("%s: checkpoint has %d attention heads, the model %d; the weights would load "
+                              "but compute something else" % (src.path, heads, cfg.num_heads))
+
+    dropped = set()
+
+    def drop(prefix: str, why: str) -> None:
+        for k in [k for k in sd if k.startswith(prefix)]:
+            rep.dropped.append("%s %s: %s" % (k, tuple(sd.pop(k).shape), why))
+            dropped.add(k)
+
+    ck_pre, md_pre = "pre_logits.fc.weight" in sd, "pre_logits.fc.weight" in own
+    if ck_pre != md_pre:
+        if ck_pre:
+            drop("pre_logits.", "the model has no pre_logits (representation_size=None)")
+        else:
+            rep.notes.append("the checkpoint has no pre_logits; pre_logits.fc keeps its initialization")
+        # a head trained on (or without) the tanh pre-logits features is wrong for the other path
+        drop("head.", "the head was trained %s pre_logits" % ("with" if ck_pre else "without"))
+    if "head.weight" in sd:
+        if "head.weight" not in own:
+            drop("head.", "the model has no head (num_classes=0)")
+        elif sd["head.weight"].shape != own["head.weight"].shape:
+            drop("head.", "checkpoint has %d classes, the model %d; the model keeps its initialized head"
+                 % (sd["head.weight"].shape[0], own["head.weight"].shape[0]))
+    elif "head.weight" in own and "head.weight" not in src.tensors:
+        rep.notes.append("no head in the checkpoint; the model keeps its initialized head")
+    pos = sd.get("pos_embed")
+    own_pos = own["pos_embed"]
+    if pos is not None and pos.shape != own_pos.shape and pos.ndim == 3 and pos.shape[2] == own_pos.shape[2]:
+        try:
+            new = resample_pos_embed(pos, cfg.grid_size)
+        except CheckpointError as e:
+            raise CheckpointError("%s: %s" % (src.path, e)) from None
+        rep.resized.append("pos_embed %s -> %s (bicubic %dx%d -> %dx%d grid, class token kept)" % (
+            tuple(pos.shape), tuple(new.shape), math.isqrt(pos.shape[1] - 1), math.isqrt(pos.shape[1] - 1),
+            cfg.grid_size, cfg.grid_size))
+        sd["pos_embed"] = new
+    bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if bad and strict_shapes:
+        raise CheckpointError("%s does not fit the model (%d tensors): %s" % (
+            src.path, len(bad), "; ".join("%s: checkpoint %s vs model %s" % b for b in bad)))
+    for k, a, b in bad:
+        sd.pop(k)
+        dropped.add(k)
+        rep.dropped.append("%s %s: the model has %s (strict_shapes=False)" % (k, a, b))
+    fit = {k: v for k, v in sd.items() if k in own}
+    if not fit:
+        raise CheckpointError("%s: none of its %d tensors matches a vit-accel ViT as format %r (first keys: %s)"
+                              % (src.path, len(src.tensors), src.format, ", ".join(list(src.tensors)[:5])))
+    model.load_state_dict(fit, strict=False)
+    rep.loaded = len(fit)
+    rep.missing = sorted(k for k in own if k not in fit and k not in dropped)
+    rep.unexpected = sorted(k for k in sd if k not in own)
+    vc = src.hints.get("vit_config") or {}
+    eps = src.hints.get("layer_norm_eps", vc.get("layer_norm_eps"))
+    if eps is not None and not math.isclose(eps, cfg.layer_norm_eps, rel_tol=1e-6):
+        rep.notes.append("warning: the checkpoint's layer_norm_eps is %g, the model's %g; build the model with "
+                         "config_from_checkpoint() to match" % (eps, cfg.layer_norm_eps))
+    for name in ("gelu_approximate", "global_pool"):
+        want = src.hints.get(name, vc.get(name))
+        if want is not None and want != getattr(cfg, name):
+            rep.notes.append("warning: the checkpoint's %s is %r, the model's %r" % (name, want, getattr(cfg, name)))
+    return rep
+
+
+def load_pretrained(model: ViT, path: str, format: str = "auto", strict_shapes: bool = True) -> LoadReport:
+    """Load a checkpoint of any supported format into ``model``; see LoadReport for what changed."""
+    return _fit(model, read(path, format), strict_shapes)
+
+
+def _infer(src: Source, overrides: Dict[str, Any]) -> ViTConfig:
+    known = set(ViTConfig.__dataclass_fields__)
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise TypeError("unknown ViT option(s) %s; valid: %s" % (bad, sorted(known)))
+    # A checkpoint saved where Triton ran must still open on a CPU: ops are chosen by the caller.
+    # The variant name is re-derived from the shapes below, not trusted from the file.
+    vc = {k: v for k, v in (src.hints.get("vit_config") or {}).items()
+          if k in known and k not in _IMPL_FIELDS and k != "name"}
+    sd = src.tensors
+    if "patch_embed.proj.weight" not in sd:
+        raise CheckpointError("%s: no patch embedding found; cannot infer the model shape" % src.path)
+    width, in_chans, patch = sd["patch_embed.proj.weight"].shape[:3]
+    depth = 1 + max([int(m.group(1)) for m in map(re.compile(r"blocks\.(\d+)\.").match, sd) if m] or [-1])
+    if "pos_embed" not in sd and "img_size" not in overrides:
+        raise CheckpointError("%s: no pos_embed; cannot infer the image size, pass img_size=" % src.path)
+    tokens = sd["pos_embed"].shape[1] if "pos_embed" in sd else 1
+    if math.isqrt(tokens - 1) ** 2 != tokens - 1 and "img_size" not in overrides:
+        raise CheckpointError("%s: pos_embed has %d tokens, not a class token + a square grid; pass img_size="
+                              % (src.path, tokens))
+    c = dict(width=width, in_chans=in_chans, patch_size=patch, depth=depth, img_size=math.isqrt(tokens - 1) * patch,
+             num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
+             representation_size=sd["pre_logits.fc.weight"].shape[0] if "pre_logits.fc.weight" in sd else None,
+             qkv_bias="blocks.0.attn.qkv.bias" in sd)
+    if "blocks.0.mlp.fc1.weight" in sd:
+        c["mlp_ratio"] = sd["blocks.0.mlp.fc1.weight"].shape[0] / width
+    for k in ("layer_norm_eps", "gelu_approximate", "drop_rate", "attn_drop_rate", "num_heads"):
+        if src.hints.get(k) is not None:
+            c[k] = src.hints[k]
+    c.update(vc)
+    c.update(overrides)
+    if not c.get("num_heads"):
+        if width not in HEADS_BY_WIDTH:
+            raise CheckpointError("%s: a %s checkpoint does not record its attention heads and width %d is not "
+                                  "in the variant table; pass num_heads= (CLI: --num-heads)"
+                                  % (src.path, src.format, width))
+        c["num_heads"] = HEADS_BY_WIDTH[width]
+    if "name" not in overrides:
+        key = (c["width"], c["depth"], c["num_heads"], c.get("mlp_ratio", 4.0), c["patch_size"])
+        c["name"] = next((n for n, v in VARIANTS.items() if v == key), "custom")
+    return ViTConfig(**c)
+
+
+def config_from_checkpoint(path: str, format: str = "auto", **overrides) -> ViTConfig:
+    """The ViTConfig a checkpoint was trained with (shapes + what the file records), then overrides."""
+    return _infer(read(path, format), overrides)
+
+
+def model_from_checkpoint(path: str, format: str = "auto", **overrides) -> Tuple[ViT, LoadReport]:
+    """Build the model a checkpoint describes (overrides applied, e.g. img_size=384) and load it."""
+    src = read(path, format)
+    model = ViT(_infer(src, overrides))
+    return model, _fit(model, src, strict_shapes=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------
+
+def save_checkpoint(model: ViT, path: str, format: str = "vit-accel") -> str:
+    """Write ``model`` in one of FORMATS (hf: a directory); returns the path written."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    if format not in FORMATS:
+        raise CheckpointError("unknown checkpoint format %r; choose one of: %s" % (format, ", ".join(FORMATS)))
+    cfg = model.cfg
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if format in ("hf", "mmcls") and cfg.global_pool != "token":
+        raise CheckpointError("%s ViTs classify the class token; a global_pool=%r model has no equivalent"
+                              % (format, cfg.global_pool))
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    if format == "timm":
+        if path.endswith(".safetensors"):
+            save_file(sd, path, metadata={"format": "pt"})
+        else:
+            torch.save(sd, path)
+    elif format == "vit-accel":
+        save_file(sd, path, metadata={"format": "vit-accel", "vit_config": json.dumps(cfg.to_dict())})
+    elif format == "mmcls":
+        meta = {"converted_by": "vit-accel", "vit_config": cfg.to_dict()}
+        torch.save({"meta": meta, "state_dict": rename(sd, MMCLS, to_timm=False)}, path)
+    elif format == "npz":
+        with open(path, "wb") as f:  # a file object: np.savez would otherwise append ".npz"
+            np.savez(f, **timm_to_npz(sd, cfg.num_heads, cfg.to_dict()))
+    else:
+        os.makedirs(path, exist_ok=True)
+        with_head = cfg.num_classes > 0
+        hf = {
+            "architectures": ["ViTForImageClassification" if with_head else "ViTModel"], "model_type": "vit",
+            "hidden_size": cfg.width, "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.num_heads,
+            "intermediate_size": cfg.mlp_hidden, "image_size": cfg.img_size, "patch_size": cfg.patch_size,
+            "num_channels": cfg.in_chans, "layer_norm_eps": cfg.layer_norm_eps, "qkv_bias": cfg.qkv_bias,
+            "hidden_act": "gelu" if cfg.gelu_approximate == "none" else "gelu_pytorch_tanh",
+            "hidden_dropout_prob": cfg.drop_rate, "attention_probs_dropout_prob": cfg.attn_drop_rate,
+            "initializer_range": 0.02, "encoder_stride": cfg.patch_size, "pooler_act": "tanh",
+            "pooler_output_size": cfg.representation_size or cfg.width, "vit_accel_config": cfg.to_dict(),
+        }
+        if with_head:
+            hf["id2label"] = {str(i): "LABEL_%d" % i for i in range(cfg.num_classes)}
+            hf["label2id"] = {"LABEL_%d" % i: i for i in range(cfg.num_classes)}
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+        save_file(timm_to_hf(sd, with_prefix=with_head), os.path.join(path, "model.safetensors"),
+                  metadata={"format": "pt"})
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# CLI pieces (wired into vit_accel/cli.py)
+# ---------------------------------------------------------------------------------------
+
+def _cli_error(cmd: str, e: Exception) -> int:
+    print("vit-accel %s: error: %s" % (cmd, " ".join(str(e).split())), file=sys.stderr)
+    return 2
+
+
+def _convert(args) -> int:
+    try:
+        over = {"num_heads": args.num_heads} if args.num_heads else {}
+        model, rep = model_from_checkpoint(args.src, args.from_format, **over)
+        save_checkpoint(model, args.dst, args.to_format)
+    except (CheckpointError, ValueError, TypeError, OSError) as e:
+        return _cli_error("convert", e)
+    print(rep)
+    print("wrote %s (format %s)" % (args.dst, args.to_format))
+    return 0
+
+
+def inspect_checkpoint(path: str, format: str = "auto", **overrides) -> Dict[str, Any]:
+    """What a checkpoint holds: format, variant, sizes, classes, parameter count."""
+    src = read(path, format)
+    cfg = _infer(src, overrides)
+    try:
+        with torch.device("meta"):  # count parameters without allocating them
+            params = ViT(cfg).num_params()
+    except (RuntimeError, NotImplementedError):  # an init op with no meta kernel in an older torch
+        params = ViT(cfg).num_params()
+    return {"path": os.fspath(path), "format": src.format, "variant": cfg.name, "img_size": cfg.img_size,
+            "patch_size": cfg.patch_size, "width": cfg.width, "depth": cfg.depth, "num_heads": cfg.num_heads,
+            "num_classes": cfg.num_classes, "representation_size": cfg.representation_size,
+            "layer_norm_eps": cfg.layer_norm_eps, "parameters": params}
+
+
+def _inspect(args) -> int:
+    try:
+        over = {"num_heads": args.num_heads} if args.num_heads else {}
+        info = inspect_checkpoint(args.ckpt, args.from_format, **over)
+    except (CheckpointError, ValueError, TypeError, OSError) as e:
+        return _cli_error("inspect", e)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print("%-20s %s" % (k, "{:,}".format(v) if k == "parameters" else v))
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="from_format", default="auto", choices=("auto",) + FORMATS,
+                   help="source format (default: detect from the extension and tensor names)")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads, for timm/mmcls files whose width is not in the variant table")
+
+
+def add_convert_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("convert", help="convert a ViT checkpoint between formats",
+                              description="Convert a ViT checkpoint: vit-accel convert SRC DST --to hf")
+    p.add_argument("src", help="checkpoint file, or an HF transformers directory")
+    p.add_argument("dst", help="output file (hf: a directory)")
+    p.add_argument("--to", dest="to_format", required=True, choices=FORMATS)
+    _common(p)
+    p.set_defaults(func=_convert)
+    return p
+
+
+def add_inspect_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("inspect", help="describe a ViT checkpoint",
+                              description="Show a checkpoint's format, variant, sizes and parameter count")
+    p.add_argument("ckpt", help="checkpoint file, or an HF transformers directory")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _common(p)
+    p.set_defaults(func=_inspect)
+    return p
