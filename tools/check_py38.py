@@ -17,9 +17,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 IPU_PATH = ["vit_accel/__init__.py", "vit_accel/__main__.py", "vit_accel/model.py", "vit_accel/config.py",
-            "vit_accel/checkpoints.py", "vit_accel/cli.py", "vit_accel/backends/__init__.py",
+            "vit_accel/cli.py", "vit_accel/backends/__init__.py",
             "vit_accel/backends/base.py", "vit_accel/backends/pipeline.py", "vit_accel/backends/ipu.py"]
-IPU_DIRS = ["vit_accel/data", "vit_accel/engine"]
+IPU_DIRS = ["vit_accel/checkpoints", "vit_accel/data", "vit_accel/engine"]
 
 # torch names that do not exist in torch 2.0.1
 NEWER_TORCH = [r"torch\.nn\.attention\b", r"torch\.compiler\b", r"\bnn\.RMSNorm\b", r"F\.rms_norm\b",
@@ -30,7 +30,12 @@ MARKER = "torch>=2.x: guarded"
 
 
 def files() -> list:
-    out = [ROOT / f for f in IPU_PATH if (ROOT / f).exists()]
+    """The IPU import path; a listed file or folder that no longer exists is an error, so a
+    move cannot silently drop files from the check."""
+    gone = [f for f in IPU_PATH + IPU_DIRS if not (ROOT / f).exists()]
+    if gone:
+        raise SystemExit(f"check_py38: listed but missing (update IPU_PATH / IPU_DIRS): {', '.join(gone)}")
+    out = [ROOT / f for f in IPU_PATH]
     for d in IPU_DIRS:
         out += sorted((ROOT / d).glob("**/*.py"))
     return out

@@ -213,11 +213,11 @@ def train(recipe: Recipe, backend_name: str = "auto", run_dir: Optional[str] = N
     batches = iter(wrap(train_loader) if wrap else train_loader)
     total = recipe.schedule.total_steps
     end = min(total, stop_after) if stop_after else total
+    say(f"run directory {rd}; {backend.batch_per_call} images per call x {backend.world_size} process(es); "
+        f"global batch {recipe.train.global_batch_size}; steps {step} -> {end}")
     log = RunLog(rd, total, step, enabled=main, progress=progress)
     if main:
         (rd / "recipe.yaml").write_text(recipe.to_yaml())
-    say(f"run directory {rd}; {backend.batch_per_call} images per call x {backend.world_size} process(es); "
-        f"global batch {recipe.train.global_batch_size}; steps {step} -> {end}")
 
     # -- steps ----------------------------------------------------------------------------
     t_start = time.time()
