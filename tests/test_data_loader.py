@@ -265,7 +265,7 @@ def test_load_state_dict_refuses_changed_settings(shards8):
     ld = TrainLoader(resolve_shards(shards8), IMG, 8, 0, workers=2)
     state = dict(ld.state_dict(), batch=3)
     other = TrainLoader(resolve_shards(shards8), IMG, 8, 0, workers=1)
-    with pytest.raises(ValueError, match="workers 2 -> 1"):
+    with pytest.raises(DataError, match="workers 2 -> 1"):
         other.load_state_dict(state)
     other.load_state_dict(state, strict=False)
     assert other.state_dict()["batch"] == 0

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def _run(args, cwd, env=None):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_digits_run_beats_chance_and_writes_the_run_dir(tmp_path, data_root, monkeypatch):
+def test_digits_run_beats_chance_and_writes_the_run_dir(tmp_path, data_root, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     rd = tmp_path / "run"
     code = main(["train", "--config", "vit-ti-digits", "--run-dir", str(rd), "--no-progress",
@@ -51,6 +52,28 @@ def test_digits_run_beats_chance_and_writes_the_run_dir(tmp_path, data_root, mon
     (rd / "curves.png").unlink()
     assert main(["report", str(rd)]) == 0
     assert (rd / "curves.png").exists()
+
+    # the training checkpoint evaluates and predicts like any other checkpoint
+    ckpt = str(rd / "checkpoints" / "step_0000150.pt")
+    capsys.readouterr()
+    assert main(["eval", "--config", "vit-ti-digits", "--checkpoint", ckpt, "--json",
+                 "--set", f"data.root={data_root}"] + TINY) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["val_count"] == 360 and abs(res["val_top1"] - summary["val_top1"]) < 1e-9
+    with tarfile.open(Path(data_root) / "digits" / "val-000000.tar") as tar:
+        png = next(m for m in tar.getmembers() if m.name.endswith(".png"))
+        (tmp_path / "digit.png").write_bytes(tar.extractfile(png).read())
+    assert main(["predict", "--checkpoint", ckpt, str(tmp_path / "digit.png")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    probs = [float(line.split()[-1].rstrip("%")) for line in lines if line.strip().startswith("class")]
+    assert len(probs) == 5 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 100.01
+
+    # resuming with other data settings would change the sample order: refused, with the fix
+    resume = ["train", "--config", "vit-ti-digits", "--run-dir", str(rd), "--no-progress", "--set",
+              f"data.root={data_root}", "--resume", str(rd / "checkpoints" / "step_0000075.pt")] + TINY
+    assert main(resume + ["--set", "data.workers=1"]) == 2
+    err = capsys.readouterr().err
+    assert "workers 2 -> 1" in err and "recipe.yaml" in err and "Traceback" not in err
 
 
 def _final_weights(rd: Path, step: int):

@@ -268,7 +268,7 @@ class TrainLoader:
         self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
         if diff:
             if strict:
-                raise ValueError("cannot resume the data order exactly, the loader changed: %s. Use the saved "
+                raise DataError("cannot resume the data order exactly, the loader changed: %s. Use the saved "
                                  "settings, or load_state_dict(state, strict=False) to restart epoch %d"
                                  % ("; ".join(diff), self._epoch))
             self._batch, self._streams = 0, self._fresh_streams()
@@ -279,10 +279,10 @@ class TrainLoader:
             self._streams = [[sum(1 for i in range(self._batch) if i % K == k) * o.batch_size] * 2 + [0]
                              for k in range(K)]
         if not 0 <= self._batch < self.batches_per_epoch:
-            raise ValueError("saved batch %d is outside 0..%d" % (self._batch, self.batches_per_epoch - 1))
+            raise DataError("saved batch %d is outside 0..%d" % (self._batch, self.batches_per_epoch - 1))
 
-    def _epoch_iter(self, epoch: int, start: int) -> Iterator[Any]:
-        ds = _TrainEpoch(self.o, epoch, start, [list(s) for s in self._streams])
+    def _epoch_iter(self, epoch: int, start: int, streams: List[List[int]]) -> Iterator[Any]:
+        ds = _TrainEpoch(self.o, epoch, start, [list(s) for s in streams])
         if self.o.workers <= 0:
             return iter(ds)
         return iter(DataLoader(ds, batch_size=None, num_workers=self.o.workers, collate_fn=_identity,
@@ -290,14 +290,20 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[Any]:
         o = self.o
+        upcoming = None  # the next epoch's workers, started while this epoch's last batch trains
         while True:
-            it = self._epoch_iter(self._epoch, self._batch)
+            it = upcoming if upcoming is not None else self._epoch_iter(self._epoch, self._batch, self._streams)
+            upcoming = None
             for b in range(self._batch, self.batches_per_epoch):
                 try:
                     images, labels, keys, info = next(it)
                 except StopIteration:
                     raise DataError("epoch %d ended after %d of %d batches (a reader stopped early)"
                                     % (self._epoch, b, self.batches_per_epoch)) from None
+                if b + 1 == self.batches_per_epoch and o.workers > 0:
+                    # Worker start-up (process spawn, shard open, first decode) overlaps the
+                    # last step of the epoch instead of stalling the first of the next.
+                    upcoming = self._epoch_iter(self._epoch + 1, 0, self._fresh_streams())
                 k = info["reader"]
                 prev_seen, prev_bad = self._streams[k][1], self._streams[k][2]
                 self._streams[k] = [info["cursor"], info["seen"], info["bad"]]
@@ -309,8 +315,9 @@ class TrainLoader:
                     self._epoch, self._batch, self._streams = self._epoch + 1, 0, self._fresh_streams()
                 else:
                     self._batch = b + 1
+                if b + 1 == self.batches_per_epoch:
+                    del it  # this epoch's workers are done; shut them down
                 yield (images, labels, keys) if self.return_keys else (images, labels)
-            del it  # shuts the epoch's workers down before the next epoch starts its own
 
 
 # ----------------------------------------------------------------------------- eval

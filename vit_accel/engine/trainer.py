@@ -189,7 +189,7 @@ def train(recipe: Recipe, backend_name: str = "auto", run_dir: Optional[str] = N
     model = build_model(recipe, backend, log=say)
     backend.setup(model)
     train_spec, val_spec = data_specs(recipe)
-    from ..data import build_eval_loader, build_train_loader
+    from ..data import DataError, build_eval_loader, build_train_loader
 
     data_cfg = _with_shards(recipe, train_spec, val_spec)
     img = recipe.model.img_size
@@ -204,7 +204,11 @@ def train(recipe: Recipe, backend_name: str = "auto", run_dir: Optional[str] = N
     if ckpt_path is not None:
         state = backend.load_state(ckpt_path)
         step = int(state["step"])
-        train_loader.load_state_dict(state["data"])
+        try:
+            train_loader.load_state_dict(state["data"])
+        except DataError as e:
+            raise ConfigError(f"--resume {ckpt_path}: {e}. Resume with the data settings the run started "
+                              f"with (they are in {rd / 'recipe.yaml'}); the order of samples depends on them") from None
         if state.get("rng"):
             _set_rng_state(state["rng"])
         say(f"resumed from {ckpt_path} at step {step}")
