@@ -25,7 +25,8 @@ setup(
     ],
     extras_require={
         "gpu": ["triton>=3.6", "deepspeed>=0.14"],
-        "test": ["pytest", "pytest-benchmark", "vermin", "transformers", "triton>=3.6"],
+        "test": ["pytest", "pytest-benchmark", "vermin", "transformers", "triton>=3.6", "tensorboard"],
+        "tensorboard": ["tensorboard"],
     },
     entry_points={"console_scripts": ["vit-accel=vit_accel.cli:main"]},
 )

@@ -110,3 +110,22 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, data_root
     assert a.keys() == b.keys()
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert worst <= 1e-6, worst
+
+
+def test_tensorboard_events_mirror_metrics(tmp_path, data_root, monkeypatch):
+    pytest.importorskip("tensorboard", reason="TensorBoard events are written only when tensorboard is installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(tmp_path)
+    rd = tmp_path / "run"
+    assert main(["train", "--config", "vit-ti-digits", "--run-dir", str(rd), "--no-progress",
+                 "--set", f"data.root={data_root}", "--set", "schedule.total_steps=10",
+                 "--set", "schedule.warmup_steps=2", "--set", "train.eval_every=0"] + TINY) == 0
+    events = EventAccumulator(str(rd / "tb"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "train/images_per_second", "val/val_top1", "val/val_top5"} <= set(scalars)
+    logged = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in logged if r["kind"] == "train"]
+    assert [e.step for e in events.Scalars("train/loss")] == [r["step"] for r in train] == [5, 10]
+    assert abs(events.Scalars("train/loss")[-1].value - train[-1]["loss"]) < 1e-5
