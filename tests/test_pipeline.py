@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from vit_accel.config import ConfigError, Recipe, load_recipe
 from vit_accel.backends import pipeline as pl
+from vit_accel.backends.pipeline_run import emulate_pipeline_step, stage_modules
 from vit_accel.model import count_macs, create_vit, vit_config
 
 
@@ -136,7 +137,7 @@ def test_stages_in_order_are_the_model():
     plan = pl.plan_from_starts(["patch_embed", "blocks.2", "norm"], 5, 3)
     x = torch.randn(3, 3, 16, 16)
     h = x
-    for st in pl.stage_modules(m, plan):
+    for st in stage_modules(m, plan):
         h = st(h)
     torch.testing.assert_close(h, m(x), rtol=0, atol=0)
 
@@ -154,7 +155,7 @@ def test_emulated_pipeline_step_equals_a_plain_step(starts):
     opt_b = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
 
     before = a.blocks[0].attn.qkv.weight.detach().clone()
-    losses = pl.emulate_pipeline_step(a, plan, x, y, micro_batch=3, loss_fn=F.cross_entropy)
+    losses = emulate_pipeline_step(a, plan, x, y, micro_batch=3, loss_fn=F.cross_entropy)
     opt_a.step()
     loss = F.cross_entropy(b(x), y)
     loss.backward()

@@ -40,7 +40,7 @@ def make_plan():
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from vit_accel.backends.pipeline import run_pipelined
+    from vit_accel.backends.pipeline_run import run_pipelined
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .config import Recipe, load_recipe
+from .config import Recipe, load_recipe, vit_options
 
 PROVIDERS = ("ours", "eager", "sdpa", "compile", "timm")
 # op choices of the providers that are not the backend's own
@@ -103,10 +103,9 @@ def bench_recipe(recipe: Recipe, backend: str, batch: int, zero_stage: int = -1)
 
 
 def build_provider_model(provider: str, recipe: Recipe, backend) -> torch.nn.Module:
-    from .engine.trainer import model_overrides
     from .model import create_vit
 
-    opts = model_overrides(recipe)
+    opts = vit_options(recipe.model)
     if provider == "timm":
         import timm  # GPU machines have it; on CPU-only machines it may be absent or broken
 
@@ -156,7 +155,6 @@ def _release(device: torch.device) -> None:
 def measure(provider: str, recipe: Recipe, backend_name: str, batch: int, warmup: int, steps: int,
             peak: Optional[float]) -> Result:
     from .backends import backend_class
-    from .engine.trainer import model_overrides
     from .model import count_macs, vit_config
 
     r = bench_recipe(recipe, backend_name, batch)
@@ -166,7 +164,7 @@ def measure(provider: str, recipe: Recipe, backend_name: str, batch: int, warmup
         model = build_provider_model(provider, r, backend)
     except Exception as e:   # timm missing, a kernel that cannot build here: say so, go on
         return Result(provider, note=f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-    flops = 3 * 2 * count_macs(vit_config(r.model.name, **model_overrides(r)))   # fwd + 2x fwd for bwd
+    flops = 3 * 2 * count_macs(vit_config(r.model.name, **vit_options(r.model)))   # fwd + 2x fwd for bwd
     backend.setup(model)
     g = torch.Generator(device="cpu").manual_seed(0)
     size = r.model.img_size
@@ -188,7 +186,6 @@ def measure(provider: str, recipe: Recipe, backend_name: str, batch: int, warmup
 def zero_memory(recipe: Recipe, backend_name: str, batch: int, warmup: int, model_name: str) -> List[Result]:
     """Peak memory per process of ``model_name`` under ZeRO stage 0 and stage 3 (DeepSpeed)."""
     from .backends import backend_class
-    from .engine.trainer import model_overrides
     from .model import create_vit
 
     out = []
@@ -198,7 +195,7 @@ def zero_memory(recipe: Recipe, backend_name: str, batch: int, warmup: int, mode
         backend = backend_class(backend_name)(r)
         dev = backend.device
         torch.manual_seed(0)
-        opts = model_overrides(r)
+        opts = vit_options(r.model)
         opts.update(backend.model_options())
         backend.setup(create_vit(model_name, **opts))
         size = r.model.img_size

@@ -314,16 +314,21 @@ class ViT(nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """images (B, C, H, W) -> normalized tokens (B, 1 + N, D)."""
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """images (B, C, H, W) -> tokens (B, 1 + N, D): patches, class token, positions."""
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        x = self.pos_drop(x)
+        return self.pos_drop(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """images (B, C, H, W) -> normalized tokens (B, 1 + N, D)."""
+        x = self.embed(x)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """normalized tokens (B, 1 + N, D) -> logits: pool (class token or mean), pre-logits, head."""
         x = x[:, 0] if self.cfg.global_pool == "token" else x[:, 1:].mean(dim=1)
         return self.head(self.head_drop(self.pre_logits(x)))
 

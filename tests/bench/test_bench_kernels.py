@@ -156,18 +156,12 @@ def _run_bias_gelu(report, cases, device, dtype, warmup, rep, compile=True):
 
 
 @needs_cuda
-def test_bench_layer_norm():
+@pytest.mark.parametrize("name, run, cases", [("layer_norm", _run_layer_norm, LN_CASES),
+                                              ("bias_gelu", _run_bias_gelu, GELU_CASES)], ids=["layer_norm", "bias_gelu"])
+def test_bench_memory_bound_kernel(name, run, cases):
     device = torch.device("cuda")
-    report = Report("layer_norm", device)
-    _run_layer_norm(report, LN_CASES, device, torch.bfloat16, warmup=5, rep=20)
-    report.write()
-
-
-@needs_cuda
-def test_bench_bias_gelu():
-    device = torch.device("cuda")
-    report = Report("bias_gelu", device)
-    _run_bias_gelu(report, GELU_CASES, device, torch.bfloat16, warmup=5, rep=20)
+    report = Report(name, device)
+    run(report, cases, device, torch.bfloat16, warmup=5, rep=20)
     report.write()
 
 

@@ -290,20 +290,20 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[Any]:
         o = self.o
-        upcoming = None  # the next epoch's workers, started while this epoch's last batch trains
+        it = self._epoch_iter(self._epoch, self._batch, self._streams)
         while True:
-            it = upcoming if upcoming is not None else self._epoch_iter(self._epoch, self._batch, self._streams)
-            upcoming = None
             for b in range(self._batch, self.batches_per_epoch):
                 try:
                     images, labels, keys, info = next(it)
                 except StopIteration:
                     raise DataError("epoch %d ended after %d of %d batches (a reader stopped early)"
                                     % (self._epoch, b, self.batches_per_epoch)) from None
-                if b + 1 == self.batches_per_epoch and o.workers > 0:
-                    # Worker start-up (process spawn, shard open, first decode) overlaps the
-                    # last step of the epoch instead of stalling the first of the next.
-                    upcoming = self._epoch_iter(self._epoch + 1, 0, self._fresh_streams())
+                last = b + 1 == self.batches_per_epoch
+                if last:
+                    # The next epoch's workers start now (process spawn, shard open, first decode)
+                    # and overlap this epoch's last step; this epoch's are done.
+                    del it
+                    it = self._epoch_iter(self._epoch + 1, 0, self._fresh_streams())
                 k = info["reader"]
                 prev_seen, prev_bad = self._streams[k][1], self._streams[k][2]
                 self._streams[k] = [info["cursor"], info["seen"], info["bad"]]
@@ -311,12 +311,10 @@ class TrainLoader:
                 if too_many_bad(self.stats.bad, self.stats.seen, o.max_bad_fraction):
                     raise _bad_error(self.stats.bad, self.stats.seen, o.max_bad_fraction, self.stats.examples,
                                      "on rank %d" % o.rank)
-                if b + 1 == self.batches_per_epoch:
+                if last:
                     self._epoch, self._batch, self._streams = self._epoch + 1, 0, self._fresh_streams()
                 else:
                     self._batch = b + 1
-                if b + 1 == self.batches_per_epoch:
-                    del it  # this epoch's workers are done; shut them down
                 yield (images, labels, keys) if self.return_keys else (images, labels)
 
 

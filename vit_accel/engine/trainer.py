@@ -34,14 +34,9 @@ CKPT_RE = re.compile(r"step_(\d+)\.pt$")
 # Building blocks
 # ---------------------------------------------------------------------------------------
 
-def model_overrides(recipe: Recipe) -> Dict[str, Any]:
-    """``create_vit`` options of the recipe's model section (ops excluded: the backend's)."""
-    return vit_options(recipe.model)
-
-
 def build_model(recipe: Recipe, backend: Optional[Backend] = None, log=print) -> ViT:
     """The recipe's ViT with the backend's ops; loads ``model.pretrained`` when given."""
-    opts = model_overrides(recipe)
+    opts = vit_options(recipe.model)
     if backend is not None:
         opts.update(backend.model_options())
     model = create_vit(recipe.model.name, **opts)
@@ -317,7 +312,7 @@ def create_vit_config_dict(recipe: Recipe, backend: Optional[Backend]) -> Dict[s
     """The ViTConfig of the trained model with portable (torch) ops, for eval/convert anywhere."""
     from ..model import vit_config
 
-    cfg = vit_config(recipe.model.name, **model_overrides(recipe)).to_dict()
+    cfg = vit_config(recipe.model.name, **vit_options(recipe.model)).to_dict()
     cfg.update(attn_impl="sdpa", norm_impl="torch", mlp_impl="torch")
     return cfg
 
