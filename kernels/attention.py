@@ -28,8 +28,9 @@ Design choices:
     launcher sets the UPCAST constexpr and operands are cast to fp32 after each load.
   * fp32 inputs use exact ("ieee") products unless torch.backends.cuda.matmul.allow_tf32
     is set, matching what torch's own fp32 attention does.
-  * Block sizes are autotuned on a GPU (key: seq lengths, head_dim); the interpreter
-    cannot benchmark, so it gets a single config.
+  * Block sizes are autotuned on a GPU (key: seq lengths, head_dim, dtypes); fp32 inputs
+    tune over smaller tiles of their own (the half-precision tiles spill registers in
+    fp32). The interpreter cannot benchmark, so it gets a single config.
 """
 import math
 import os
@@ -43,9 +44,10 @@ LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _configs(gpu_choices, interp_choice):
-    """Autotune configs from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples."""
-    choices = [interp_choice] if INTERPRETING else gpu_choices
+def _configs(gpu_choices, interp_choice=None):
+    """Autotune configs from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples; under the
+    interpreter only interp_choice (none when it is None)."""
+    choices = ([interp_choice] if interp_choice else []) if INTERPRETING else gpu_choices
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in choices]
 
 
@@ -59,10 +61,30 @@ _BWD_CONFIGS = _configs(
     [(64, 64, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (32, 32, 4, 4)],
     (64, 64, 4, 1),
 )
+# fp32 operands multiply on the CUDA cores (exact products) or as tf32, with twice the bytes
+# per element: ptxas spills registers in nearly every tile above for them (34-74 KB per
+# thread block in the forward, tools/compile_kernels.py). These smaller tiles compile
+# without spills for the forward and both backward kernels at head_dim 64.
+_FWD_FP32_CONFIGS = _configs([(32, 32, 4, 2), (64, 32, 8, 2), (16, 32, 4, 2)])
+_BWD_FP32_CONFIGS = _configs([(32, 32, 4, 2), (16, 32, 4, 2)])
+
+
+def _by_dtype(fp32_configs):
+    """early_config_prune: fp32 inputs tune over their own tiles, fp16/bf16 over the others
+    (the autotuner's cache key includes the dtypes, so each keeps its own choice)."""
+    fp32_ids = {id(c) for c in fp32_configs}
+
+    def prune(configs, named_args, **kwargs):
+        want_fp32 = named_args["Q"].dtype == torch.float32
+        return [c for c in configs if (id(c) in fp32_ids) == want_fp32]
+    return prune
+
+
 _AUTOTUNE_KEY = ["N_Q", "N_KV", "HEAD_DIM"]
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY)
+@triton.autotune(configs=_FWD_CONFIGS + _FWD_FP32_CONFIGS, key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": _by_dtype(_FWD_FP32_CONFIGS)})
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,
@@ -125,7 +147,8 @@ def _attn_fwd_kernel(
     tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=mask_m)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_AUTOTUNE_KEY)
+@triton.autotune(configs=_BWD_CONFIGS + _BWD_FP32_CONFIGS, key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": _by_dtype(_BWD_FP32_CONFIGS)})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
@@ -188,7 +211,8 @@ def _attn_bwd_dkdv_kernel(
     tl.store(DV + g_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_AUTOTUNE_KEY)
+@triton.autotune(configs=_BWD_CONFIGS + _BWD_FP32_CONFIGS, key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": _by_dtype(_BWD_FP32_CONFIGS)})
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, O, DO, LSE, DELTA, DQ,
