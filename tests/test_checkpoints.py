@@ -209,6 +209,47 @@ def test_timm_ddp_prefix_and_wrapped_dicts(tmp_path):
         torch.testing.assert_close(_logits(model), _logits(src))
 
 
+# ----------------------------------------------------------------------------- fc_norm (timm's avg-pool layout)
+
+def test_fc_norm_normalizes_the_pooled_features_only():
+    model = _tiny(global_pool="avg", fc_norm=True)
+    sd = model.state_dict()
+    assert "fc_norm.weight" in sd and "norm.weight" not in sd
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = model.forward_features(x)  # not normalized
+        pooled = torch.nn.functional.layer_norm(tokens[:, 1:].mean(1), (64 * 3,), sd["fc_norm.weight"],
+                                                sd["fc_norm.bias"], model.cfg.layer_norm_eps)
+        torch.testing.assert_close(model(x), pooled @ sd["head.weight"].T + sd["head.bias"])
+        plain = _tiny(global_pool="avg")
+        assert not torch.allclose(plain.forward_features(x), plain.embed(x))  # the plain model normalizes tokens
+
+
+@pytest.mark.parametrize("fmt, name", [("timm", "m.pth"), ("vit-accel", "m.safetensors")])
+def test_fc_norm_checkpoint_is_recognized(tmp_path, fmt, name):
+    src = _tiny(global_pool="avg", fc_norm=True)
+    model, report = model_from_checkpoint(save_checkpoint(src, tmp_path / name, format=fmt))
+    assert model.cfg.fc_norm and model.cfg.global_pool == "avg"
+    assert not report.missing and not report.unexpected and not report.dropped
+    torch.testing.assert_close(_logits(model), _logits(src), atol=1e-6, rtol=0)
+
+
+def test_fc_norm_mismatch_drops_the_other_norm_and_says_so(tmp_path):
+    plain = save_checkpoint(_tiny(), tmp_path / "plain.pth", format="timm")  # e.g. an MAE / in-21k backbone
+    fc = create_vit("vit-ti16", global_pool="avg", fc_norm=True, **TINY)
+    rep = load_pretrained(fc, plain)
+    assert any(d.startswith("norm.weight") for d in rep.dropped) and rep.missing == ["fc_norm.bias", "fc_norm.weight"]
+    assert any("no fc_norm" in n for n in rep.notes)
+    back = load_pretrained(create_vit("vit-ti16", **TINY), save_checkpoint(fc, tmp_path / "fc.pth", format="timm"))
+    assert any(d.startswith("fc_norm.weight") for d in back.dropped) and rep.loaded == back.loaded
+
+
+@pytest.mark.parametrize("fmt", ["hf", "mmcls", "npz"])
+def test_formats_without_fc_norm_refuse_it(tmp_path, fmt):
+    with pytest.raises(CheckpointError, match="fc_norm"):
+        save_checkpoint(_tiny(fc_norm=True), tmp_path / "out", format=fmt)
+
+
 # ----------------------------------------------------------------------------- foreign layouts
 
 def test_mmcls_names_and_backbone_only(tmp_path):

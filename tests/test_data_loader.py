@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vit_accel.data import DataError, build_eval_loader, build_train_loader, resolve_shards, write_shards
+from vit_accel.data import (DataError, ResumeMismatch, build_eval_loader, build_train_loader, resolve_shards,
+                            write_shards)
 from vit_accel.data.loader import EvalLoader, TrainLoader
 from vit_accel.data.shards import SourceSample
 
@@ -265,8 +266,9 @@ def test_load_state_dict_refuses_changed_settings(shards8):
     ld = TrainLoader(resolve_shards(shards8), IMG, 8, 0, workers=2)
     state = dict(ld.state_dict(), batch=3)
     other = TrainLoader(resolve_shards(shards8), IMG, 8, 0, workers=1)
-    with pytest.raises(DataError, match="workers 2 -> 1"):
+    with pytest.raises(ResumeMismatch, match="workers 2 -> 1") as info:
         other.load_state_dict(state)
+    assert isinstance(info.value, DataError) and info.value.changes == ["workers 2 -> 1"]
     other.load_state_dict(state, strict=False)
     assert other.state_dict()["batch"] == 0
     # Another rank's state (or a per_rank list) resumes at the same batch

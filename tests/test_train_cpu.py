@@ -74,6 +74,7 @@ def test_digits_run_beats_chance_and_writes_the_run_dir(tmp_path, data_root, mon
     assert main(resume + ["--set", "data.workers=1"]) == 2
     err = capsys.readouterr().err
     assert "workers 2 -> 1" in err and "recipe.yaml" in err and "Traceback" not in err
+    assert "load_state_dict" not in err  # the CLI user is told about the CLI, not the API
 
 
 def _final_weights(rd: Path, step: int):

@@ -1,7 +1,8 @@
-"""CPU throughput of vit-accel's ViT against HF transformers' ViT of the same size (random init).
+"""CPU throughput of vit-accel's ViT against HF transformers' and timm's ViT of the same size (random init).
 
 Forward (inference, no_grad) and forward+backward (training step without the optimizer) images/s,
-for vit-accel attn_impl eager and sdpa and transformers attn_implementation eager and sdpa. The
+for vit-accel attn_impl eager and sdpa, transformers attn_implementation eager and sdpa, and
+timm (fused SDPA attention) where it is installed; all get the same weights first. The
 providers run interleaved, one timed repetition each per round, so drift in machine load hits all
 of them alike; the table reports the median over rounds.
 
@@ -29,9 +30,17 @@ def build_providers(name: str, img: int, num_classes: int):
         providers["vit-accel " + impl] = create_vit(name, img_size=img, num_classes=num_classes,
                                                     attn_impl=impl, layer_norm_eps=1e-12)
     try:
+        import timm
+
+        from vit_accel.bench import timm_name
+
+        providers["timm"] = timm.create_model(timm_name(name, img), pretrained=False, num_classes=num_classes)
+    except ImportError:
+        print("timm is not installed: no timm provider")
+    try:
         import transformers
     except ImportError:
-        print("transformers is not installed: comparing vit-accel providers only")
+        print("transformers is not installed: no transformers providers")
         return cfg, providers
     transformers.logging.set_verbosity_error()
     hf_cfg = transformers.ViTConfig(hidden_size=cfg.width, num_hidden_layers=cfg.depth,
@@ -49,33 +58,31 @@ def build_providers(name: str, img: int, num_classes: int):
 
 
 def check_same_function(providers, img: int) -> None:
-    """Give every provider HF's weights (through the checkpoint key map) and compare logits, so the
-    timings compare one function computed several ways."""
+    """Give every provider one set of weights (HF's through the checkpoint key map, else ours; timm
+    reads our keys as they are) and compare logits, so the timings compare one function computed
+    several ways."""
     from vit_accel.checkpoints.formats import hf_to_timm
 
     hf = [p for p, m in providers.items() if isinstance(m, _HFLogits)]
-    if not hf:
-        return
-    hf_sd = providers[hf[0]].model.state_dict()
+    hf_sd = providers[hf[0]].model.state_dict() if hf else None
+    sd = hf_to_timm(hf_sd) if hf else providers["vit-accel sdpa"].state_dict()
     for m in providers.values():
         if isinstance(m, _HFLogits):
             m.model.load_state_dict(hf_sd)
         else:
-            m.load_state_dict(hf_to_timm(hf_sd))
+            m.load_state_dict(sd)
     x = torch.randn(2, 3, img, img)
     with torch.no_grad():
         outs = {p: m.eval()(x) for p, m in providers.items()}
-    ref = outs[hf[0]]
+    ref = outs[hf[0] if hf else "vit-accel sdpa"]
     worst = max((o - ref).abs().max().item() for o in outs.values())
     print("max |logit difference| between providers: %.2e" % worst)
     assert worst < 1e-3, "providers compute different functions"
 
 
-def _hf_version() -> str:
+def _version(module: str) -> str:
     try:
-        import transformers
-
-        return transformers.__version__
+        return __import__(module).__version__
     except ImportError:
         return "-"
 
@@ -120,8 +127,9 @@ def main(argv=None) -> int:
     check_same_function(providers, args.img)
     x = torch.randn(args.batch, 3, args.img, args.img)
     y = torch.randint(0, 1000, (args.batch,))
-    print("%s  img %d  batch %d  torch %s  transformers %s  threads %d  %s" % (
-        args.model, args.img, args.batch, torch.__version__, _hf_version(), torch.get_num_threads(),
+    print("%s  img %d  batch %d  torch %s  transformers %s  timm %s  threads %d  %s" % (
+        args.model, args.img, args.batch, torch.__version__, _version("transformers"), _version("timm"),
+        torch.get_num_threads(),
         platform.processor() or platform.machine()))
     times = {(p, mode): [] for p in providers for mode in ("fwd", "fwd+bwd")}
     for mode in ("fwd", "fwd+bwd"):

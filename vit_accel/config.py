@@ -36,6 +36,7 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     representation_size: int = 0          # 0 = none (in-21k checkpoints have width)
     global_pool: str = "token"
+    fc_norm: bool = False                 # LayerNorm after pooling (timm avg-pool / MAE fine-tunes)
     layer_norm_eps: float = 1e-6
     gelu_approximate: str = "none"
     pos_embed_std: float = 0.02           # position-embedding init scale (timm: 0.02)
@@ -47,7 +48,7 @@ def vit_options(m: ModelConfig) -> Dict[str, Any]:
     """The ``create_vit(m.name, **options)`` keywords of a model section (0 = the variant's)."""
     out: Dict[str, Any] = dict(img_size=m.img_size, num_classes=m.num_classes, drop_rate=m.drop_rate,
                                attn_drop_rate=m.attn_drop_rate, drop_path_rate=m.drop_path_rate,
-                               global_pool=m.global_pool, layer_norm_eps=m.layer_norm_eps,
+                               global_pool=m.global_pool, fc_norm=m.fc_norm, layer_norm_eps=m.layer_norm_eps,
                                gelu_approximate=m.gelu_approximate, pos_embed_std=m.pos_embed_std)
     for key in ("patch_size", "depth", "representation_size"):
         if getattr(m, key):

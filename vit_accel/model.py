@@ -50,6 +50,7 @@ class ViTConfig:
     drop_path_rate: float = 0.0
     representation_size: Optional[int] = None
     global_pool: str = "token"
+    fc_norm: bool = False                 # LayerNorm after pooling, not before (timm's avg-pool default, MAE fine-tunes)
     gelu_approximate: str = "none"
     pos_embed_std: float = 0.02           # init scale; small data learns faster with ~0.5-1
     attn_impl: str = "sdpa"
@@ -283,7 +284,10 @@ class ViT(nn.Module):
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList([Block(cfg, dpr[i]) for i in range(cfg.depth)])
-        self.norm = LayerNorm(cfg.width, cfg.layer_norm_eps, cfg.norm_impl)
+        # The final LayerNorm runs on every token, or (fc_norm) on the pooled features only.
+        final_norm = LayerNorm(cfg.width, cfg.layer_norm_eps, cfg.norm_impl)
+        self.norm = nn.Identity() if cfg.fc_norm else final_norm
+        self.fc_norm = final_norm if cfg.fc_norm else nn.Identity()
         feat = cfg.width
         self.pre_logits = nn.Identity()
         if cfg.representation_size:
@@ -321,16 +325,16 @@ class ViT(nn.Module):
         return self.pos_drop(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """images (B, C, H, W) -> normalized tokens (B, 1 + N, D)."""
+        """images (B, C, H, W) -> tokens (B, 1 + N, D), normalized unless the model has fc_norm."""
         x = self.embed(x)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """normalized tokens (B, 1 + N, D) -> logits: pool (class token or mean), pre-logits, head."""
+        """tokens (B, 1 + N, D) -> logits: pool (class token or mean), fc_norm, pre-logits, head."""
         x = x[:, 0] if self.cfg.global_pool == "token" else x[:, 1:].mean(dim=1)
-        return self.head(self.head_drop(self.pre_logits(x)))
+        return self.head(self.head_drop(self.pre_logits(self.fc_norm(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))  # (B, num_classes)

@@ -103,6 +103,11 @@ def _fit(model: ViT, src: Source, strict_shapes: bool) -> LoadReport:
             rep.notes.append("the checkpoint has no pre_logits; pre_logits.fc keeps its initialization")
         # a head trained on (or without) the tanh pre-logits features is wrong for the other path
         drop("head.", "the head was trained %s pre_logits" % ("with" if ck_pre else "without"))
+    ck_fc, md_fc = "fc_norm.weight" in sd, "fc_norm.weight" in own
+    if ck_fc != md_fc:  # e.g. an MAE or in-21k backbone fine-tuned with fc_norm, as timm does
+        drop("fc_norm." if ck_fc else "norm.", "the model normalizes %s pooling (fc_norm=%s)"
+             % ("before" if ck_fc else "after", md_fc))
+        rep.notes.append("the checkpoint has no %s; it keeps its initialization" % ("norm" if ck_fc else "fc_norm"))
     if "head.weight" in sd:
         if "head.weight" not in own:
             drop("head.", "the model has no head (num_classes=0)")
@@ -179,6 +184,8 @@ def _infer(src: Source, overrides: Dict[str, Any]) -> ViTConfig:
              num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
              representation_size=sd["pre_logits.fc.weight"].shape[0] if "pre_logits.fc.weight" in sd else None,
              qkv_bias="blocks.0.attn.qkv.bias" in sd)
+    if "fc_norm.weight" in sd:  # timm's avg-pool layout: no final norm, a LayerNorm on the pooled features
+        c.update(fc_norm=True, global_pool="avg")
     if "blocks.0.mlp.fc1.weight" in sd:
         c["mlp_ratio"] = sd["blocks.0.mlp.fc1.weight"].shape[0] / width
     for k in ("layer_norm_eps", "gelu_approximate", "drop_rate", "attn_drop_rate", "num_heads"):
@@ -226,6 +233,9 @@ def save_checkpoint(model: ViT, path: str, format: str = "vit-accel") -> str:
     if format in ("hf", "mmcls") and cfg.global_pool != "token":
         raise CheckpointError("%s ViTs classify the class token; a global_pool=%r model has no equivalent"
                               % (format, cfg.global_pool))
+    if format in ("hf", "mmcls", "npz") and cfg.fc_norm:
+        raise CheckpointError("%s ViTs have no LayerNorm after pooling (fc_norm); save as timm or vit-accel"
+                              % format)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     if format == "timm":

@@ -14,12 +14,13 @@ from .bench import add_bench_data_parser
 from .digits import ensure_digits
 from .loader import (BAD_SAMPLE_GRACE, BadSampleStats, EvalLoader, TrainLoader, build_eval_loader,
                      build_train_loader, too_many_bad)
-from .reader import DataError, ShardList, resolve_shards
+from .reader import DataError, ResumeMismatch, ShardList, resolve_shards
 from .shards import ShardError, add_make_shards_parser, read_manifest, verify_manifest, write_shards
 from .transforms import mixup_cutmix, normalize
 
 __all__ = [
-    "BAD_SAMPLE_GRACE", "BadSampleStats", "DataError", "EvalLoader", "ShardError", "ShardList", "TrainLoader",
+    "BAD_SAMPLE_GRACE", "BadSampleStats", "DataError", "EvalLoader", "ResumeMismatch", "ShardError", "ShardList",
+    "TrainLoader",
     "add_bench_data_parser", "add_make_shards_parser", "build_eval_loader", "build_train_loader",
     "ensure_digits", "mixup_cutmix", "normalize", "read_manifest", "resolve_shards", "too_many_bad",
     "verify_manifest", "write_shards",

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .reader import (IMAGE_KEYS, DataError, Record, ShardList, check_local_shards, plan_streams,
+from .reader import (IMAGE_KEYS, DataError, Record, ResumeMismatch, ShardList, check_local_shards, plan_streams,
                      resampled_shards, resolve_shards, samples_per_stream, stream_records)
 from .transforms import DecodeError, eval_transform, resample_filter, resolve_decoder, train_transform
 
@@ -268,9 +268,9 @@ class TrainLoader:
         self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
         if diff:
             if strict:
-                raise DataError("cannot resume the data order exactly, the loader changed: %s. Use the saved "
-                                 "settings, or load_state_dict(state, strict=False) to restart epoch %d"
-                                 % ("; ".join(diff), self._epoch))
+                raise ResumeMismatch("cannot resume the data order exactly, the loader changed: %s. Use the "
+                                     "saved settings, or load_state_dict(state, strict=False) to restart epoch %d"
+                                     % ("; ".join(diff), self._epoch), diff)
             self._batch, self._streams = 0, self._fresh_streams()
         elif state.get("rank") == o.rank and len(state.get("streams", [])) == max(o.workers, 1):
             self._streams = [[int(x) for x in s] for s in state["streams"]]

@@ -43,6 +43,15 @@ class DataError(Exception):
     """
 
 
+class ResumeMismatch(DataError):
+    """A saved loader state was made with other settings; ``changes`` lists them
+    ("workers 2 -> 4", ...) so a caller can word its own advice."""
+
+    def __init__(self, message: str, changes: List[str] = ()):
+        super().__init__(message)
+        self.changes = list(changes)
+
+
 class ShardList(NamedTuple):
     urls: List[str]
     counts: List[int]            # samples per shard (from the manifest, or scanned)

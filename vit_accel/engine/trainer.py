@@ -184,7 +184,7 @@ def train(recipe: Recipe, backend_name: str = "auto", run_dir: Optional[str] = N
     model = build_model(recipe, backend, log=say)
     backend.setup(model)
     train_spec, val_spec = data_specs(recipe)
-    from ..data import DataError, build_eval_loader, build_train_loader
+    from ..data import DataError, ResumeMismatch, build_eval_loader, build_train_loader
 
     data_cfg = _with_shards(recipe, train_spec, val_spec)
     img = recipe.model.img_size
@@ -201,9 +201,12 @@ def train(recipe: Recipe, backend_name: str = "auto", run_dir: Optional[str] = N
         step = int(state["step"])
         try:
             train_loader.load_state_dict(state["data"])
+        except ResumeMismatch as e:
+            raise ConfigError(f"--resume {ckpt_path}: the data settings changed since the checkpoint "
+                              f"({'; '.join(e.changes)}). Resume with the settings the run started with "
+                              f"(they are in {rd / 'recipe.yaml'}): the order of samples depends on them") from None
         except DataError as e:
-            raise ConfigError(f"--resume {ckpt_path}: {e}. Resume with the data settings the run started "
-                              f"with (they are in {rd / 'recipe.yaml'}); the order of samples depends on them") from None
+            raise ConfigError(f"--resume {ckpt_path}: {e}") from None
         if state.get("rng"):
             _set_rng_state(state["rng"])
         say(f"resumed from {ckpt_path} at step {step}")
