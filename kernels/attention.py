@@ -379,15 +379,56 @@ class FlashAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None
 
 
+# The same launchers as torch.library custom ops, for torch.compile: opaque to Dynamo (which
+# cannot trace into Triton's launch machinery under the interpreter, nor every autotuner
+# option on a GPU), with fake implementations for shapes and an autograd formula.
+@torch.library.custom_op("vit_accel_kernels::flash_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return flash_attention_fwd(q, k, v, softmax_scale)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, softmax_scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("vit_accel_kernels::flash_attention_bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+            lse: torch.Tensor, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return flash_attention_bwd(do, q, k, v, out, lse, softmax_scale)
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, out, lse, softmax_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _op_setup(ctx, inputs, output):
+    q, k, v, ctx.softmax_scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+
+
+def _op_backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return (*_bwd_op(dout, q, k, v, out, lse, ctx.softmax_scale), None)
+
+
+_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
+
+
 def flash_attention(q, k, v, softmax_scale=None):
     """softmax(q @ k^T * scale) @ v for (batch, heads, seq, head_dim) tensors; differentiable.
 
     softmax_scale defaults to 1/sqrt(head_dim). Returns a contiguous tensor of q's dtype.
+    Under torch.compile it runs as the custom op vit_accel_kernels::flash_attention_fwd;
+    eagerly, as an autograd.Function (no dispatcher overhead per call).
     """
     _check_inputs(q, k, v)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    if torch.compiler.is_compiling():
+        return _fwd_op(q, k, v, float(softmax_scale))[0]
     return FlashAttentionFunction.apply(q, k, v, float(softmax_scale))
 
 

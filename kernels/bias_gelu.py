@@ -165,9 +165,50 @@ class BiasGeluFunction(torch.autograd.Function):
         return dx, (db.to(bias.dtype) if db is not None else None), None
 
 
+# The launchers as torch.library custom ops, for torch.compile (see kernels/attention.py).
+@torch.library.custom_op("vit_accel_kernels::bias_gelu_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
+    return bias_gelu_fwd(x, bias, approximate)
+
+
+@_fwd_op.register_fake
+def _(x, bias, approximate):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("vit_accel_kernels::bias_gelu_bwd", mutates_args=())
+def _bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, approximate: str,
+            need_db: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, db = bias_gelu_bwd(dy, x, bias, approximate, need_db)
+    return dx, (db.to(bias.dtype) if db is not None else bias.new_empty(0))
+
+
+@_bwd_op.register_fake
+def _(dy, x, bias, approximate, need_db):
+    return torch.empty_like(x), bias.new_empty(bias.shape if need_db else (0,))
+
+
+def _op_setup(ctx, inputs, output):
+    x, bias, ctx.approximate = inputs
+    ctx.save_for_backward(x, bias)
+
+
+def _op_backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    need_db = ctx.needs_input_grad[1]
+    dx, db = _bwd_op(dy, x, bias, ctx.approximate, need_db)
+    return dx, (db if need_db else None), None
+
+
+_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
+
+
 def bias_gelu(x, bias, approximate="none"):
-    """gelu(x + bias) over the last dim of x; differentiable in x and bias."""
+    """gelu(x + bias) over the last dim of x; differentiable in x and bias. Under
+    torch.compile it runs as the custom op vit_accel_kernels::bias_gelu_fwd."""
     _check_inputs(x, bias, approximate)
+    if torch.compiler.is_compiling():
+        return _fwd_op(x.contiguous(), bias.contiguous(), approximate)
     return BiasGeluFunction.apply(x.contiguous(), bias.contiguous(), approximate)
 
 

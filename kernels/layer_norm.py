@@ -28,6 +28,7 @@ Design choices:
   * Output dtype is x's dtype (also under autocast, where torch's layer_norm gives fp32).
 """
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -254,9 +255,69 @@ class LayerNormFunction(torch.autograd.Function):
         return dx.to(ctx.x_dtype), dw, db, dx, None
 
 
+# The launchers as torch.library custom ops, for torch.compile (see kernels/attention.py).
+# Custom ops return tensors only: an absent h / dw / db is an empty tensor.
+@torch.library.custom_op("vit_accel_kernels::layer_norm_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+            residual: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, h, mean, rstd = layer_norm_fwd(x, weight, bias, eps, residual)
+    return y, (h if h is not None else x.new_empty(0)), mean, rstd
+
+
+@_fwd_op.register_fake
+def _(x, weight, bias, eps, residual):
+    m = x.numel() // x.shape[-1]
+    h = x.new_empty(x.shape, dtype=residual.dtype) if residual is not None else x.new_empty(0)
+    return torch.empty_like(x), h, x.new_empty(m, dtype=torch.float32), x.new_empty(m, dtype=torch.float32)
+
+
+@torch.library.custom_op("vit_accel_kernels::layer_norm_bwd", mutates_args=())
+def _bwd_op(dy: torch.Tensor, xin: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
+            rstd: torch.Tensor, dh: Optional[torch.Tensor], need_dw: bool,
+            need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw, db = layer_norm_bwd(dy, xin, weight, mean, rstd, dh, need_dw, need_db)
+    empty = mean.new_empty(0)
+    return dx, (dw if dw is not None else empty), (db if db is not None else empty)
+
+
+@_bwd_op.register_fake
+def _(dy, xin, weight, mean, rstd, dh, need_dw, need_db):
+    n = xin.shape[-1]
+    dw = mean.new_empty(n if need_dw and weight is not None else 0)
+    return torch.empty_like(xin), dw, mean.new_empty(n if need_db else 0)
+
+
+def _op_setup(ctx, inputs, output):
+    x, weight, bias, _, residual = inputs
+    _, h, mean, rstd = output
+    ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
+    ctx.has_residual = residual is not None
+    ctx.x_dtype = x.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _op_backward(ctx, dy, dh, _dmean, _drstd):
+    xin, weight, mean, rstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dw, db = _bwd_op(dy, xin, weight, mean, rstd, dh if ctx.has_residual else None,
+                         bool(need[1]) and weight is not None, bool(need[2]))
+    dw = dw.to(weight.dtype) if need[1] and weight is not None else None
+    db = db.to(ctx.bias_dtype) if need[2] and ctx.bias_dtype is not None else None
+    if not ctx.has_residual:
+        return dx, dw, db, None, None
+    return dx.to(ctx.x_dtype), dw, db, None, dx  # d(x + r)/dx = d(x + r)/dr = identity
+
+
+_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
+
+
 def layer_norm(x, weight, bias, eps=1e-6, residual=None):
-    """LayerNorm over the last dim; with residual returns (LayerNorm(x + residual), x + residual)."""
+    """LayerNorm over the last dim; with residual returns (LayerNorm(x + residual), x + residual).
+    Under torch.compile it runs as the custom op vit_accel_kernels::layer_norm_fwd."""
     _check_inputs(x, weight, bias, residual)
+    if torch.compiler.is_compiling():
+        y, h, _, _ = _fwd_op(x, weight, bias, float(eps), residual)
+        return (y, h) if residual is not None else y
     return LayerNormFunction.apply(x, weight, bias, residual, float(eps))
 
 
