@@ -80,7 +80,7 @@ cat "$OUT/env.txt"
 # 1. correctness on the real device: every kernel test and the GPU backend's tests
 step tests "${TESTS_S:-300}" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_attention.py \
     tests/test_kernels_layer_norm.py tests/test_kernels_bias_gelu.py tests/test_kernels_convergence.py \
-    tests/test_model.py tests/test_gpu.py tests/test_timm_parity.py
+    tests/test_kernels_torch_compile.py tests/test_model.py tests/test_gpu.py tests/test_timm_parity.py
 # 2. kernel microbenchmarks at ViT shapes (tables land in $OUT)
 step bench-kernels "${KBENCH_S:-240}" "$PY" -m pytest -q -p no:cacheprovider tests/bench -m bench
 # 3. end-to-end training throughput, ViT-B/16 224 px bf16, every provider side by side
