@@ -364,24 +364,35 @@ def flash_attention_bwd(do, q, k, v, out, lse, softmax_scale):
     return dq, dk, dv
 
 
+# One autograd formula for both front doors: the eager autograd.Function and the custom op.
+def _save(ctx, q, k, v, softmax_scale, out, lse):
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.softmax_scale = softmax_scale
+
+
+def _grads(ctx, do, bwd):
+    """Grads of (q, k, v, softmax_scale); bwd is flash_attention_bwd or its custom op."""
+    q, k, v, out, lse = ctx.saved_tensors
+    return (*bwd(do, q, k, v, out, lse, ctx.softmax_scale), None)
+
+
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, softmax_scale):
         out, lse = flash_attention_fwd(q, k, v, softmax_scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.softmax_scale = softmax_scale
+        _save(ctx, q, k, v, softmax_scale, out, lse)
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = flash_attention_bwd(do, q, k, v, out, lse, ctx.softmax_scale)
-        return dq, dk, dv, None
+        return _grads(ctx, do, flash_attention_bwd)
 
 
 # The same launchers as torch.library custom ops, for torch.compile: opaque to Dynamo (which
 # cannot trace into Triton's launch machinery under the interpreter, nor every autotuner
-# option on a GPU), with fake implementations for shapes and an autograd formula.
+# option on a GPU), with fake implementations for shapes and the autograd formula above.
+# Only compiled code calls them: a custom op costs about 50 us of dispatch per call against
+# 10 us for an autograd.Function (torch 2.13, CPU), some 4 ms per ViT-B/16 training step.
 @torch.library.custom_op("vit_accel_kernels::flash_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     return flash_attention_fwd(q, k, v, softmax_scale)
@@ -403,17 +414,8 @@ def _(do, q, k, v, out, lse, softmax_scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _op_setup(ctx, inputs, output):
-    q, k, v, ctx.softmax_scale = inputs
-    ctx.save_for_backward(q, k, v, *output)
-
-
-def _op_backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    return (*_bwd_op(dout, q, k, v, out, lse, ctx.softmax_scale), None)
-
-
-_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
+_fwd_op.register_autograd(lambda ctx, do, _dlse: _grads(ctx, do, _bwd_op),
+                          setup_context=lambda ctx, inputs, output: _save(ctx, *inputs, *output))
 
 
 def flash_attention(q, k, v, softmax_scale=None):

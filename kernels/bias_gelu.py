@@ -150,19 +150,29 @@ def bias_gelu_bwd(dy, x, bias, approximate, need_db=True):
     return dx, (db_part.sum(0) if need_db else None)
 
 
+# One autograd formula for both front doors: the eager autograd.Function and the custom op.
+def _save(ctx, x, bias, approximate):
+    ctx.save_for_backward(x, bias)
+    ctx.approximate = approximate
+
+
+def _grads(ctx, dy, bwd):
+    """Grads of (x, bias, approximate); bwd is bias_gelu_bwd or its custom op."""
+    x, bias = ctx.saved_tensors
+    need_db = ctx.needs_input_grad[1]
+    dx, db = bwd(dy, x, bias, ctx.approximate, need_db)
+    return dx, (db.to(bias.dtype) if need_db else None), None
+
+
 class BiasGeluFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, approximate):
-        y = bias_gelu_fwd(x, bias, approximate)
-        ctx.save_for_backward(x, bias)
-        ctx.approximate = approximate
-        return y
+        _save(ctx, x, bias, approximate)
+        return bias_gelu_fwd(x, bias, approximate)
 
     @staticmethod
     def backward(ctx, dy):
-        x, bias = ctx.saved_tensors
-        dx, db = bias_gelu_bwd(dy, x, bias, ctx.approximate, need_db=ctx.needs_input_grad[1])
-        return dx, (db.to(bias.dtype) if db is not None else None), None
+        return _grads(ctx, dy, bias_gelu_bwd)
 
 
 # The launchers as torch.library custom ops, for torch.compile (see kernels/attention.py).
@@ -180,27 +190,16 @@ def _(x, bias, approximate):
 def _bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, approximate: str,
             need_db: bool) -> tuple[torch.Tensor, torch.Tensor]:
     dx, db = bias_gelu_bwd(dy, x, bias, approximate, need_db)
-    return dx, (db.to(bias.dtype) if db is not None else bias.new_empty(0))
+    return dx, (db if db is not None else x.new_empty(0, dtype=torch.float32))  # custom ops return tensors
 
 
 @_bwd_op.register_fake
 def _(dy, x, bias, approximate, need_db):
-    return torch.empty_like(x), bias.new_empty(bias.shape if need_db else (0,))
+    return torch.empty_like(x), x.new_empty(bias.shape if need_db else (0,), dtype=torch.float32)
 
 
-def _op_setup(ctx, inputs, output):
-    x, bias, ctx.approximate = inputs
-    ctx.save_for_backward(x, bias)
-
-
-def _op_backward(ctx, dy):
-    x, bias = ctx.saved_tensors
-    need_db = ctx.needs_input_grad[1]
-    dx, db = _bwd_op(dy, x, bias, ctx.approximate, need_db)
-    return dx, (db if need_db else None), None
-
-
-_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
+_fwd_op.register_autograd(lambda ctx, dy: _grads(ctx, dy, _bwd_op),
+                          setup_context=lambda ctx, inputs, output: _save(ctx, *inputs))
 
 
 def bias_gelu(x, bias, approximate="none"):

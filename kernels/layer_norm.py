@@ -227,32 +227,45 @@ def layer_norm_bwd(dy, xin, weight, mean, rstd, dh=None, need_dw=True, need_db=T
     return dx, (dw_part.sum(0) if need_dw else None), (db_part.sum(0) if need_db else None)
 
 
+# One autograd formula for both front doors: the eager autograd.Function and the custom op.
+# Both take (x, weight, bias, eps, residual).
+def _save(ctx, x, weight, bias, eps, residual, h, mean, rstd):
+    ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
+    ctx.has_residual = residual is not None
+    ctx.x_dtype = x.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _grads(ctx, dy, dh, bwd):
+    """Grads of (x, weight, bias, eps, residual); bwd is layer_norm_bwd or its custom op.
+    dy or dh may be None (an output that was not used)."""
+    xin, weight, mean, rstd = ctx.saved_tensors
+    _, need_dw, need_db, _, _ = ctx.needs_input_grad
+    need_dw = need_dw and weight is not None
+    if dy is None:
+        dy = torch.zeros_like(xin)
+    dx, dw, db = bwd(dy, xin, weight, mean, rstd, dh if ctx.has_residual else None, need_dw, need_db)
+    dw = dw.to(weight.dtype) if need_dw else None
+    db = db.to(ctx.bias_dtype) if need_db else None
+    if not ctx.has_residual:
+        return dx, dw, db, None, None
+    # dx is the grad of h, in h's dtype. d(x + r)/dx = d(x + r)/dr = identity: both
+    # inputs get it (the same tensor, as torch's add does), cast to x's dtype if needed.
+    return dx.to(ctx.x_dtype), dw, db, None, dx
+
+
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps):
+    def forward(ctx, x, weight, bias, eps, residual):
         y, h, mean, rstd = layer_norm_fwd(x, weight, bias, eps, residual)
-        ctx.save_for_backward(h if h is not None else x, weight, mean, rstd)
-        ctx.has_residual = residual is not None
-        ctx.x_dtype = x.dtype
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        _save(ctx, x, weight, bias, eps, residual, h, mean, rstd)
         # An unused h output arrives as None instead of a tensor of zeros to read.
         ctx.set_materialize_grads(False)
         return (y, h) if h is not None else y
 
     @staticmethod
     def backward(ctx, dy, dh=None):
-        xin, weight, mean, rstd = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros_like(xin)
-        need = ctx.needs_input_grad
-        dx, dw, db = layer_norm_bwd(dy, xin, weight, mean, rstd, dh, need_dw=need[1], need_db=need[2])
-        dw = dw.to(weight.dtype) if dw is not None else None
-        db = db.to(ctx.bias_dtype) if db is not None else None
-        if not ctx.has_residual:
-            return dx, dw, db, None, None
-        # dx is the grad of h, in h's dtype. d(x + r)/dx = d(x + r)/dr = identity: both
-        # inputs get it (the same tensor, as torch's add does), cast to x's dtype if needed.
-        return dx.to(ctx.x_dtype), dw, db, dx, None
+        return _grads(ctx, dy, dh, layer_norm_bwd)
 
 
 # The launchers as torch.library custom ops, for torch.compile (see kernels/attention.py).
@@ -287,28 +300,8 @@ def _(dy, xin, weight, mean, rstd, dh, need_dw, need_db):
     return torch.empty_like(xin), dw, mean.new_empty(n if need_db else 0)
 
 
-def _op_setup(ctx, inputs, output):
-    x, weight, bias, _, residual = inputs
-    _, h, mean, rstd = output
-    ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
-    ctx.has_residual = residual is not None
-    ctx.x_dtype = x.dtype
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-
-
-def _op_backward(ctx, dy, dh, _dmean, _drstd):
-    xin, weight, mean, rstd = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    dx, dw, db = _bwd_op(dy, xin, weight, mean, rstd, dh if ctx.has_residual else None,
-                         bool(need[1]) and weight is not None, bool(need[2]))
-    dw = dw.to(weight.dtype) if need[1] and weight is not None else None
-    db = db.to(ctx.bias_dtype) if need[2] and ctx.bias_dtype is not None else None
-    if not ctx.has_residual:
-        return dx, dw, db, None, None
-    return dx.to(ctx.x_dtype), dw, db, None, dx  # d(x + r)/dx = d(x + r)/dr = identity
-
-
-_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
+_fwd_op.register_autograd(lambda ctx, dy, dh, _dmean, _drstd: _grads(ctx, dy, dh, _bwd_op),
+                          setup_context=lambda ctx, inputs, output: _save(ctx, *inputs, *output[1:]))
 
 
 def layer_norm(x, weight, bias, eps=1e-6, residual=None):
@@ -318,7 +311,7 @@ def layer_norm(x, weight, bias, eps=1e-6, residual=None):
     if torch.compiler.is_compiling():
         y, h, _, _ = _fwd_op(x, weight, bias, float(eps), residual)
         return (y, h) if residual is not None else y
-    return LayerNormFunction.apply(x, weight, bias, residual, float(eps))
+    return LayerNormFunction.apply(x, weight, bias, float(eps), residual)
 
 
 def layer_norm_ref(x, weight, bias, eps=1e-6, residual=None, upcast=True):

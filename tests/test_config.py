@@ -95,3 +95,23 @@ def test_no_weight_decay_on_cls_token_and_pos_embed():
     assert groups[0]["weight_decay"] == 1e-5
     opt = build_optimizer(model, r.optim)
     assert isinstance(opt, __import__("torch").optim.SGD) and opt.defaults["momentum"] == 0.9
+
+
+# every ModelConfig setting that is also a ViTConfig field, at a value other than its default
+MODEL_SETTINGS = {"img_size": 64, "patch_size": 8, "depth": 2, "num_classes": 7, "drop_rate": 0.1,
+                  "attn_drop_rate": 0.1, "drop_path_rate": 0.1, "representation_size": 32,
+                  "global_pool": "avg", "fc_norm": True, "layer_norm_eps": 1e-5, "gelu_approximate": "tanh",
+                  "pos_embed_std": 0.5}
+
+
+def test_every_model_setting_reaches_the_model():
+    from dataclasses import fields
+
+    from vit_accel.config import ModelConfig, vit_options
+    from vit_accel.model import ViTConfig
+
+    shared = ({f.name for f in fields(ModelConfig)} & {f.name for f in fields(ViTConfig)}) - {"name"}  # the variant
+    assert shared == set(MODEL_SETTINGS), "update MODEL_SETTINGS with the new setting"
+    recipe = load_recipe("vit-ti-digits", ["model.%s=%s" % kv for kv in MODEL_SETTINGS.items()])
+    cfg = create_vit(recipe.model.name, **vit_options(recipe.model)).cfg
+    assert {k: getattr(cfg, k) for k in MODEL_SETTINGS} == MODEL_SETTINGS
