@@ -3,9 +3,9 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
 STAMP   := $(VENV)/.installed
-# The Triton interpreter runs kernels on the CPU when no CUDA device is present.
-HAS_CUDA := $(shell $(PY) -c "import torch,sys; sys.stdout.write('1' if torch.cuda.is_available() else '0')" 2>/dev/null)
-INTERP  := $(if $(filter 1,$(HAS_CUDA)),,TRITON_INTERPRET=1)
+# The Triton interpreter runs kernels on the CPU when no CUDA device is present; decided when
+# the test recipe runs (after the environment exists), not when make starts.
+INTERP  = $$($(PY) -c "import torch; print('' if torch.cuda.is_available() else 'TRITON_INTERPRET=1')")
 
 .PHONY: venv train test test-fast lint-py38 bench clean
 
@@ -14,7 +14,7 @@ venv: $(STAMP)
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -c constraints.txt -e '.[test]'
 	$(PIP) install -q -c constraints.txt --no-build-isolation 'deepspeed==0.19.8'
 	touch $(STAMP)
@@ -26,7 +26,7 @@ lint-py38: $(STAMP)
 	$(PY) tools/check_py38.py
 
 test: $(STAMP) lint-py38
-	$(INTERP) $(PY) -m pytest -q tests
+	env $(INTERP) $(PY) -m pytest -q tests
 
 bench: $(STAMP)
 	$(PY) -m pytest -q tests/bench -m bench

@@ -25,7 +25,9 @@ setup(
     ],
     extras_require={
         "gpu": ["triton>=3.6", "deepspeed>=0.14"],
-        "test": ["pytest", "pytest-benchmark", "vermin", "transformers", "triton>=3.6", "tensorboard"],
+        "test": ["pytest", "pytest-benchmark", "vermin", "transformers", "triton>=3.6", "tensorboard",
+                 "torchvision", "timm"],
+        "timm": ["torchvision", "timm"],
         "tensorboard": ["tensorboard"],
     },
     entry_points={"console_scripts": ["vit-accel=vit_accel.cli:main"]},

@@ -174,9 +174,26 @@ class PipelineConfig:
 
 
 @dataclass
+class ReproducesConfig:
+    """The published row a recipe reproduces (machine-readable provenance; empty = none)."""
+    source: str = ""                      # "mmcls", "mmpretrain", "timm", "classyvision" ("" = not a published row)
+    name: str = ""                        # the source's own name: config file or model name
+    resolution: int = 0
+    top1: Optional[float] = None          # published ImageNet-1k validation top-1 / top-5 (%)
+    top5: Optional[float] = None
+    params_m: Optional[float] = None      # published parameters, millions
+    flops_g: Optional[float] = None       # published FLOPs (G) as the source counts them
+    notes: str = ""
+
+
+REPRODUCES_SOURCES = ("", "mmcls", "mmpretrain", "timm", "classyvision")
+
+
+@dataclass
 class Recipe:
     name: str = "custom"
     description: str = ""
+    reproduces: ReproducesConfig = field(default_factory=ReproducesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -195,7 +212,7 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-SECTIONS = [f.name for f in dataclasses.fields(Recipe) if f.name not in ("name", "description")]
+SECTIONS = [f.name for f in dataclasses.fields(Recipe) if f.name not in ("name", "description", "reproduces")]
 
 
 # ---------------------------------------------------------------------------------------
@@ -380,6 +397,7 @@ def validate(r: Recipe, backends: Optional[List[str]] = None) -> None:
 
     _one_of("model.name", r.model.name, list(VARIANTS))
     _one_of("model.global_pool", r.model.global_pool, ("token", "avg"))
+    _one_of("reproduces.source", r.reproduces.source, REPRODUCES_SOURCES)
     _one_of("data.source", r.data.source, ("shards", "digits"))
     _one_of("data.interpolation", r.data.interpolation, ("bilinear", "bicubic"))
     _one_of("optim.name", r.optim.name, ("sgd", "adamw"))
