@@ -9,7 +9,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.8",
-    packages=find_packages(include=["vit_accel", "vit_accel.*", "kernels", "kernels.*"]),
+    # The Triton kernels live in the repository's kernels/ folder and install as
+    # `vit_accel_kernels` (a bare `kernels` is another PyPI project's import name).
+    packages=find_packages(include=["vit_accel", "vit_accel.*"]) + ["vit_accel_kernels"],
+    package_dir={"vit_accel_kernels": "kernels"},
     package_data={"vit_accel": ["configs/*.yaml"]},
     include_package_data=True,
     install_requires=[

@@ -1,8 +1,8 @@
 """Triton kernels for the ViT hot paths: flash attention, LayerNorm(+residual), bias+GELU.
 
 Depends on torch and triton only (never on vit_accel). Submodules are imported lazily so
-`import kernels` works on machines without triton (the IPU/CPU paths never call them);
-touching `kernels.flash_attention` (or importing `kernels.attention`) loads triton.
+`import vit_accel_kernels` works on machines without triton (the IPU/CPU paths never call them);
+touching `vit_accel_kernels.flash_attention` (or importing `vit_accel_kernels.attention`) loads triton.
 
 Each submodule holds its Triton kernels, plain launchers, one autograd.Function and the
 pure-PyTorch fp32 reference that is both the CPU path and the test oracle.
@@ -10,8 +10,8 @@ pure-PyTorch fp32 reference that is both the CPU path and the test oracle.
 import importlib
 import os
 
-# Note: `kernels.layer_norm` and `kernels.bias_gelu` are the submodules (call
-# `kernels.layer_norm.layer_norm(...)`); a package-level function of the same name would be
+# Note: `vit_accel_kernels.layer_norm` and `vit_accel_kernels.bias_gelu` are the submodules (call
+# `vit_accel_kernels.layer_norm.layer_norm(...)`); a package-level function of the same name would be
 # overwritten by the import system the moment the submodule is imported.
 __all__ = [
     "INTERPRETING",

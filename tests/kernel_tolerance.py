@@ -7,7 +7,7 @@ interpreter casts fp32 -> bf16 toward zero).
 """
 import torch
 
-from kernels import INTERPRETING
+from vit_accel_kernels import INTERPRETING
 
 DEVICE = "cpu" if INTERPRETING or not torch.cuda.is_available() else "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

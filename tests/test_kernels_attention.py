@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kernel_tolerance import DEVICE, DTYPES, assert_close_to_ref
-from kernels.attention import attention_ref, flash_attention, flash_attention_fwd
+from vit_accel_kernels.attention import attention_ref, flash_attention, flash_attention_fwd
 
 
 

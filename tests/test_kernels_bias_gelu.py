@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernel_tolerance import DEVICE, DTYPES, assert_close_to_ref
-from kernels.bias_gelu import bias_gelu, bias_gelu_ref
+from vit_accel_kernels.bias_gelu import bias_gelu, bias_gelu_ref
 
 
 

@@ -20,9 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernel_tolerance import DEVICE
-from kernels.attention import flash_attention
-from kernels.bias_gelu import bias_gelu
-from kernels.layer_norm import layer_norm
+from vit_accel_kernels.attention import flash_attention
+from vit_accel_kernels.bias_gelu import bias_gelu
+from vit_accel_kernels.layer_norm import layer_norm
 
 WIDTH, HEADS, DEPTH, MLP, PATCHES, PATCH_DIM, CLASSES = 64, 2, 2, 128, 16, 48, 10
 EPS = 1e-6

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernel_tolerance import DEVICE, DTYPES, assert_close_to_ref
-from kernels.layer_norm import layer_norm, layer_norm_ref
+from vit_accel_kernels.layer_norm import layer_norm, layer_norm_ref
 
 EPS = 1e-6
 

@@ -6,7 +6,7 @@ and unchanged on a GPU."""
 import pytest
 import torch
 
-from kernels import attention, bias_gelu, layer_norm
+from vit_accel_kernels import attention, bias_gelu, layer_norm
 from vit_accel.model import create_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -160,7 +160,7 @@ def test_state_dict_keys_do_not_depend_on_attention_impl():
 def _kernels_importable():
     try:
         for mod in ("attention", "layer_norm", "bias_gelu"):
-            importlib.import_module("kernels." + mod)
+            importlib.import_module("vit_accel_kernels." + mod)
         return True, ""
     except Exception as e:  # triton missing or the kernels package not installed
         return False, "kernels package does not import here: %s" % e

@@ -118,7 +118,7 @@ def _kernel(module: str):
     try:
         import importlib
 
-        return importlib.import_module("kernels." + module)
+        return importlib.import_module("vit_accel_kernels." + module)
     except ImportError as e:  # triton missing, or kernels not installed
         raise NotImplementedError(
             f"the 'triton' implementation needs the kernels package and triton ({e}); "

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from _report import Report, time_ms
 
-from kernels import INTERPRETING
+from vit_accel_kernels import INTERPRETING
 
 pytestmark = pytest.mark.bench
 
@@ -30,7 +30,7 @@ GELU_CASES = {"vit-b16-224": (128 * 197, 3072), "vit-l16-384": (32 * 577, 4096)}
 
 
 def _attention_providers():
-    from kernels.attention import flash_attention
+    from vit_accel_kernels.attention import flash_attention
 
     providers = {"ours (triton)": lambda q, k, v: flash_attention(q, k, v)}
     try:
@@ -99,7 +99,7 @@ def test_bench_attention():
 
 
 def _run_layer_norm(report, cases, device, dtype, warmup, rep, compile=True):
-    from kernels.layer_norm import layer_norm
+    from vit_accel_kernels.layer_norm import layer_norm
 
     eager_res = lambda x, r, w, b: (lambda h: (F.layer_norm(h, h.shape[-1:], w, b, 1e-6), h))(x + r)  # noqa: E731
     eager = lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, 1e-6)  # noqa: E731
@@ -134,7 +134,7 @@ def _run_layer_norm(report, cases, device, dtype, warmup, rep, compile=True):
 
 
 def _run_bias_gelu(report, cases, device, dtype, warmup, rep, compile=True):
-    from kernels.bias_gelu import bias_gelu
+    from vit_accel_kernels.bias_gelu import bias_gelu
 
     for approximate in ("none", "tanh"):
         eager = lambda x, b, a=approximate: F.gelu(x + b, approximate=a)  # noqa: E731
@@ -169,7 +169,7 @@ def test_bench_memory_bound_kernel(name, run, cases):
 @pytest.mark.skipif(not INTERPRETING, reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py without CUDA)")
 def test_interpreter_smoke(tmp_path):
     """The harness end to end on tiny shapes, one repetition, no torch.compile."""
-    from kernels.attention import attention_ref, flash_attention
+    from vit_accel_kernels.attention import attention_ref, flash_attention
 
     device = torch.device("cpu")
     attn = Report("attention_smoke", device)
