@@ -83,6 +83,34 @@ def _by_dtype(fp32_configs):
 _AUTOTUNE_KEY = ["N_Q", "N_KV", "HEAD_DIM"]
 
 
+# Both backward kernels tune over the same tiles (each gets its own Autotuner and cache).
+_bwd_autotune = triton.autotune(configs=_BWD_CONFIGS + _BWD_FP32_CONFIGS, key=_AUTOTUNE_KEY,
+                                prune_configs_by={"early_config_prune": _by_dtype(_BWD_FP32_CONFIGS)})
+
+
+@triton.jit
+def _program_tile(N, BLOCK: tl.constexpr, H):
+    """This program's (tile along N, batch*head index, batch, head): one flat grid axis, no 65535 limit."""
+    pid = tl.program_id(0)
+    num = (N + BLOCK - 1) // BLOCK
+    pid_bh = pid // num
+    return pid % num, pid_bh, (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+
+
+@triton.jit
+def _tile_ptrs(base, off_b, off_h, rows, offs_d, sb, sh, sn, sd):
+    """Pointers to a (rows, head_dim) tile of one batch and head of a (B, H, N, D) tensor."""
+    return base + off_b * sb + off_h * sh + rows[:, None] * sn + offs_d[None, :] * sd
+
+
+@triton.jit
+def _load(ptrs, mask, UPCAST: tl.constexpr):
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if UPCAST:  # bf16 arithmetic under the interpreter needs fp32 (see the launcher)
+        x = x.to(tl.float32)
+    return x
+
+
 @triton.autotune(configs=_FWD_CONFIGS + _FWD_FP32_CONFIGS, key=_AUTOTUNE_KEY,
                  prune_configs_by={"early_config_prune": _by_dtype(_FWD_FP32_CONFIGS)})
 @triton.jit
@@ -93,28 +121,18 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # One flat grid axis: (query block, batch*head); no 65535 limit on batch*heads.
-    pid = tl.program_id(0)
-    num_m = (N_Q + BLOCK_M - 1) // BLOCK_M
-    pid_m = pid % num_m
-    pid_bh = pid // num_m
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-
+    pid_m, pid_bh, off_b, off_h = _program_tile(N_Q, BLOCK_M, H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     mask_m = offs_m < N_Q
 
-    q_ptrs = Q + off_b * sqb + off_h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd
-    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load(_tile_ptrs(Q, off_b, off_h, offs_m, offs_d, sqb, sqh, sqn, sqd), mask_m[:, None] & mask_d[None, :], UPCAST)
     # Tile pointers are built once and advanced by BLOCK_N rows per step (cheap on a GPU,
     # and far fewer integer ops for the interpreter).
-    k_ptrs = K + off_b * skb + off_h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
-    v_ptrs = V + off_b * svb + off_h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
+    k_ptrs = _tile_ptrs(K, off_b, off_h, offs_n, offs_d, skb, skh, skn, skd)
+    v_ptrs = _tile_ptrs(V, off_b, off_h, offs_n, offs_d, svb, svh, svn, svd)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 units
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s - m_i)
@@ -123,13 +141,10 @@ def _attn_fwd_kernel(
         cols = start_n + offs_n
         mask_n = cols < N_KV
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        k = _load(k_ptrs, kv_mask, UPCAST)
+        v = _load(v_ptrs, kv_mask, UPCAST)
         k_ptrs += BLOCK_N * skn
         v_ptrs += BLOCK_N * svn
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         # Every key block holds at least one real key, so the row max stays finite.
         s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -141,14 +156,13 @@ def _attn_fwd_kernel(
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    o_ptrs = O + off_b * sob + off_h * soh + offs_m[:, None] * son + offs_d[None, :] * sod
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(_tile_ptrs(O, off_b, off_h, offs_m, offs_d, sob, soh, son, sod), acc.to(O.dtype.element_ty),
+             mask=mask_m[:, None] & mask_d[None, :])
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
     tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=mask_m)
 
 
-@triton.autotune(configs=_BWD_CONFIGS + _BWD_FP32_CONFIGS, key=_AUTOTUNE_KEY,
-                 prune_configs_by={"early_config_prune": _by_dtype(_BWD_FP32_CONFIGS)})
+@_bwd_autotune
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
@@ -160,25 +174,16 @@ def _attn_bwd_dkdv_kernel(
     # One program owns BLOCK_N keys and sweeps every query block, so dK and dV are
     # written once, with no atomics. Work is laid out transposed ((keys, queries) tiles)
     # to keep the products in the natural orientation.
-    pid = tl.program_id(0)
-    num_n = (N_KV + BLOCK_N - 1) // BLOCK_N
-    pid_n = pid % num_n
-    pid_bh = pid // num_n
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-
+    pid_n, pid_bh, off_b, off_h = _program_tile(N_KV, BLOCK_N, H)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     kv_mask = (offs_n[:, None] < N_KV) & mask_d[None, :]
-    k = tl.load(K + off_b * skb + off_h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-    v = tl.load(V + off_b * svb + off_h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    q_ptrs = Q + off_b * sqb + off_h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd
-    do_ptrs = DO + off_b * sdb + off_h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd
+    k = _load(_tile_ptrs(K, off_b, off_h, offs_n, offs_d, skb, skh, skn, skd), kv_mask, UPCAST)
+    v = _load(_tile_ptrs(V, off_b, off_h, offs_n, offs_d, svb, svh, svn, svd), kv_mask, UPCAST)
+    q_ptrs = _tile_ptrs(Q, off_b, off_h, offs_m, offs_d, sqb, sqh, sqn, sqd)
+    do_ptrs = _tile_ptrs(DO, off_b, off_h, offs_m, offs_d, sdb, sdh, sdn, sdd)
     stat_base = pid_bh.to(tl.int64) * N_Q
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -187,13 +192,10 @@ def _attn_bwd_dkdv_kernel(
         rows = start_m + offs_m
         mask_m = rows < N_Q
         q_mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-        do = tl.load(do_ptrs, mask=q_mask, other=0.0)
+        q = _load(q_ptrs, q_mask, UPCAST)
+        do = _load(do_ptrs, q_mask, UPCAST)
         q_ptrs += BLOCK_M * sqn
         do_ptrs += BLOCK_M * sdn
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
         lse2 = tl.load(LSE + stat_base + rows, mask=mask_m, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + stat_base + rows, mask=mask_m, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (keys, queries)
@@ -206,13 +208,12 @@ def _attn_bwd_dkdv_kernel(
 
     dk = dk * sm_scale
     # dK and dV are fresh contiguous tensors of one shape: one set of strides (sg*).
-    g_offs = off_b * sgb + off_h * sgh + offs_n[:, None] * sgn + offs_d[None, :] * sgd
+    g_offs = _tile_ptrs(0, off_b, off_h, offs_n, offs_d, sgb, sgh, sgn, sgd)
     tl.store(DK + g_offs, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + g_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_BWD_CONFIGS + _BWD_FP32_CONFIGS, key=_AUTOTUNE_KEY,
-                 prune_configs_by={"early_config_prune": _by_dtype(_BWD_FP32_CONFIGS)})
+@_bwd_autotune
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, O, DO, LSE, DELTA, DQ,
@@ -224,23 +225,17 @@ def _attn_bwd_dq_kernel(
     # One program owns BLOCK_M queries and sweeps every key block (P recomputed once more).
     # It runs first and also writes delta_i = sum_d dO_id * O_id (the softmax-Jacobian
     # term) for its queries, which the dK/dV kernel then reads: no separate preprocess.
-    pid = tl.program_id(0)
-    num_m = (N_Q + BLOCK_M - 1) // BLOCK_M
-    pid_m = pid % num_m
-    pid_bh = pid // num_m
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-
+    pid_m, pid_bh, off_b, off_h = _program_tile(N_Q, BLOCK_M, H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     mask_m = offs_m < N_Q
     q_mask = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(Q + off_b * sqb + off_h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
-    do = tl.load(DO + off_b * sdb + off_h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask, other=0.0)
+    q = tl.load(_tile_ptrs(Q, off_b, off_h, offs_m, offs_d, sqb, sqh, sqn, sqd), mask=q_mask, other=0.0)
+    do = tl.load(_tile_ptrs(DO, off_b, off_h, offs_m, offs_d, sdb, sdh, sdn, sdd), mask=q_mask, other=0.0)
     # O is our own contiguous output, shaped like dQ: it shares dQ's strides (sg*).
-    o = tl.load(O + off_b * sgb + off_h * sgh + offs_m[:, None] * sgn + offs_d[None, :] * sgd, mask=q_mask, other=0.0)
+    o = tl.load(_tile_ptrs(O, off_b, off_h, offs_m, offs_d, sgb, sgh, sgn, sgd), mask=q_mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     stat_base = pid_bh.to(tl.int64) * N_Q
     tl.store(DELTA + stat_base + offs_m, delta, mask=mask_m)
@@ -250,21 +245,18 @@ def _attn_bwd_dq_kernel(
     lse2 = tl.load(LSE + stat_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
     # Tile pointers are built once and advanced by BLOCK_N rows per step (cheap on a GPU,
     # and far fewer integer ops for the interpreter).
-    k_ptrs = K + off_b * skb + off_h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
-    v_ptrs = V + off_b * svb + off_h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
+    k_ptrs = _tile_ptrs(K, off_b, off_h, offs_n, offs_d, skb, skh, skn, skd)
+    v_ptrs = _tile_ptrs(V, off_b, off_h, offs_n, offs_d, svb, svh, svn, svd)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, N_KV, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < N_KV
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        k = _load(k_ptrs, kv_mask, UPCAST)
+        v = _load(v_ptrs, kv_mask, UPCAST)
         k_ptrs += BLOCK_N * skn
         v_ptrs += BLOCK_N * svn
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         p = tl.where(mask_n[None, :], p, 0.0)
@@ -273,8 +265,7 @@ def _attn_bwd_dq_kernel(
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
     dq = dq * sm_scale
-    tl.store(DQ + off_b * sgb + off_h * sgh + offs_m[:, None] * sgn + offs_d[None, :] * sgd,
-             dq.to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(_tile_ptrs(DQ, off_b, off_h, offs_m, offs_d, sgb, sgh, sgn, sgd), dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # ----------------------------------------------------------------------------- launchers

@@ -103,3 +103,15 @@ def test_bench_on_gpu_reports_mfu_and_memory(tmp_path):
 
 def test_providers_list_is_what_the_help_promises():
     assert PROVIDERS == ("ours", "eager", "sdpa", "compile", "timm")
+
+
+def test_bench_on_cpu_has_a_timm_provider(tmp_path):
+    """timm is in the test environment: its provider is measured beside ours, not skipped."""
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--backend", "cpu", "--config", "vit-ti-digits", "--set", "model.depth=1",
+               "--set", "model.img_size=32", "--model", "vit-ti16", "--providers", "sdpa,timm", "--batch", "2",
+               "--steps", "1", "--warmup", "1", "--json", str(out)])
+    assert rc == 0
+    rows = {r["provider"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"sdpa", "timm"}
+    assert rows["timm"]["images_per_second"] > 0, rows["timm"].get("note")

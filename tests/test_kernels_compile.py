@@ -83,3 +83,12 @@ def test_unknown_kernel_label_is_a_usage_error():
     p = subprocess.run([sys.executable, str(TOOL), "--only", "attn_fwd,softmax"], capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 2 and "softmax" in p.stderr and "attn_fwd" in p.stderr
+
+
+def test_unknown_triton_version_fails_loudly():
+    """The tool reads Triton internals: on a version it was not checked on it must stop, not pass vacuously."""
+    code = ("import sys, runpy, triton; triton.__version__ = '3.99.0'; "
+            f"sys.argv = [{str(TOOL)!r}, '--quick']; runpy.run_path({str(TOOL)!r}, run_name='__main__')")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VIT_ACCEL_ANY_TRITON")}
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "triton 3.99.0 is not a version this tool knows" in p.stderr, p.stderr[-2000:]

@@ -133,7 +133,8 @@ def _free_port() -> int:
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::FutureWarning",
+    env.pop("DS_ACCELERATOR", None)  # the CPU backend itself must choose DeepSpeed's CPU accelerator
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::FutureWarning",
                PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_extensions")))
     return env

@@ -48,6 +48,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+
+# The compile path below reads Triton internals (knobs, ASTSource, make_backend, the Autotuner's
+# pruning, the JIT's binder) whose names and signatures move between minor releases. It was
+# checked on these; on any other version it stops rather than report a table it cannot trust.
+KNOWN_TRITON = ("3.7", "3.8")
+if ".".join(triton.__version__.split(".")[:2]) not in KNOWN_TRITON and not os.environ.get("VIT_ACCEL_ANY_TRITON"):
+    sys.exit("compile_kernels: triton %s is not a version this tool knows (%s); its internals may have moved. "
+             "Install one of those, or set VIT_ACCEL_ANY_TRITON=1 to try anyway and check the table by hand"
+             % (triton.__version__, ", ".join(KNOWN_TRITON)))
+
 from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402

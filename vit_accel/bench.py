@@ -87,6 +87,17 @@ def timm_name(variant: str, img_size: int) -> str:
     return f"vit_{_TIMM_SIZES[size]}_patch{patch}_{img_size}"
 
 
+def timm_vit(cfg) -> torch.nn.Module:
+    """timm's VisionTransformer with exactly the architecture of our ``ViTConfig`` (random init)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=cfg.num_classes,
+                             embed_dim=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+                             qkv_bias=cfg.qkv_bias, global_pool=cfg.global_pool, fc_norm=cfg.fc_norm,
+                             drop_rate=cfg.drop_rate, attn_drop_rate=cfg.attn_drop_rate,
+                             drop_path_rate=cfg.drop_path_rate)
+
+
 def bench_recipe(recipe: Recipe, backend: str, batch: int, zero_stage: int = -1) -> Recipe:
     """One process, one micro-batch per optimizer step of ``batch`` images, no DeepSpeed unless asked."""
     r = copy.deepcopy(recipe)
@@ -103,15 +114,11 @@ def bench_recipe(recipe: Recipe, backend: str, batch: int, zero_stage: int = -1)
 
 
 def build_provider_model(provider: str, recipe: Recipe, backend) -> torch.nn.Module:
-    from .model import create_vit
+    from .model import create_vit, vit_config
 
     opts = vit_options(recipe.model)
-    if provider == "timm":
-        import timm  # GPU machines have it; on CPU-only machines it may be absent or broken
-
-        return torch.compile(timm.create_model(timm_name(recipe.model.name, recipe.model.img_size),
-                                               pretrained=False, num_classes=recipe.model.num_classes,
-                                               img_size=recipe.model.img_size))
+    if provider == "timm":  # the same architecture as ours, built by timm (pip install 'vit-accel[timm]')
+        return torch.compile(timm_vit(vit_config(recipe.model.name, **opts)))
     opts.update(backend.model_options() if provider == "ours" else _OPS[provider])
     model = create_vit(recipe.model.name, **opts)
     return torch.compile(model) if provider == "compile" else model

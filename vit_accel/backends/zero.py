@@ -122,6 +122,10 @@ class DeepSpeedStrategy:
     """DeepSpeed engine around ``backend.model`` and ``backend.optimizer`` (built by the backend)."""
 
     def __init__(self, backend):
+        if backend.device.type == "cpu":
+            # A CUDA build of torch on a CPU run (or a host without GPUs) must not get the CUDA
+            # accelerator: DeepSpeed decides once, at its first import, from this variable.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
         self.backend = backend
