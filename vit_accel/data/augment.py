@@ -49,15 +49,15 @@ def parse_rand_augment(spec: str) -> Dict[str, Any]:
         raise ValueError("data.rand_augment %r must start with 'rand-'; form: %s" % (spec, RAND_AUGMENT_FORM))
     out = {}  # type: Dict[str, Any]
     for part in parts[1:]:
-        m = re.match(r"([a-z]+)(.*)$", part)
-        key = m.group(1) if m else part
+        m = re.match(r"(\D*)(.*)$", part)  # the name runs up to the first digit, as timm splits it
+        key = m.group(1)
         if key not in RAND_AUGMENT_SECTIONS:
             raise ValueError("data.rand_augment %r: unknown section %r; valid sections: %s (form: %s)"
                              % (spec, part, ", ".join(RAND_AUGMENT_SECTIONS), RAND_AUGMENT_FORM))
         try:
             out[key] = RAND_AUGMENT_SECTIONS[key](m.group(2))
         except ValueError:
-            raise ValueError("data.rand_augment %r: section %r needs a %s value (form: %s)"
+            raise ValueError("data.rand_augment %r: section %r needs a value of type %s (form: %s)"
                              % (spec, part, RAND_AUGMENT_SECTIONS[key].__name__, RAND_AUGMENT_FORM)) from None
     return out
 
