@@ -111,7 +111,7 @@ def test_rand_augment_is_timms_under_the_sample_seed():
         with seeded_global_rngs(random.Random(seed).getrandbits(63)):
             try:
                 expected = np.asarray(library(img))
-            except ValueError as e:  # timm's own posterize at 0 bits under Pillow 12+ (see below)
+            except ValueError as e:  # timm's own posterize at 0 bits under recent Pillow (see below)
                 assert "bits" in str(e)
                 continue
         assert np.array_equal(out, expected)
@@ -138,7 +138,7 @@ def test_rand_augment_posterize_at_magnitude_10_is_black_not_a_crash():
     ra = timm_rand_augment("rand-m10-mstd0-inc1", MMP_MEAN)
     op = next(o for o in ra.ops if o.name == "PosterizeIncreasing")
     op.prob = 1.0
-    assert not np.asarray(op(img)).any()  # 0 bits kept, as mmcv (mmpretrain) and Pillow < 12 give
+    assert not np.asarray(op(img)).any()  # 0 bits kept, as mmcv (mmpretrain) and older Pillow give
 
 
 def test_parse_and_bad_rand_augment_strings():
@@ -363,3 +363,30 @@ def test_loader_augments_per_sample_reproducibly_and_resumes_exactly(shards4, po
     tail = [next(it)[0] for _ in range(7)]
     resumed = batches(make(2, **policy), 7, start=state)
     assert all(torch.equal(a, b) for a, b in zip(tail, resumed)) and len(head + tail) == 10
+
+
+def test_recipe_settings_reach_the_loader(shards4):
+    from vit_accel.data import build_train_loader
+
+    def first_batch(*overrides):
+        r = load_recipe("vit-ti-digits", ["data.source=shards", f"data.train_shards={shards4}", "data.workers=0",
+                                          "data.hflip=0.0"] + list(overrides))
+        return next(iter(build_train_loader(r.data, 24, 8, seed=0)))[0]
+
+    plain = first_batch()
+    augmented = first_batch(f"data.rand_augment={RA}", "data.random_erasing=1.0")
+    assert torch.equal(plain, first_batch()) and not torch.equal(plain, augmented)
+
+
+def test_bench_data_times_the_augmented_pipeline_beside_the_plain_one(shards4, capsys):
+    from vit_accel.cli import main
+
+    assert main(["bench-data", "--shards", shards4, "--workers", "0", "--batch-size", "8", "--img-size", "16",
+                 "--interpolation", "bicubic", "--rand-augment", RA, "--random-erasing", "0.25"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "rand_augment=rand-m9-mstd0.5-inc1, random_erasing=0.25" in lines[1]
+    assert lines[2].split()[-3:] == ["augmented", "img/cpu-s", "aug/plain"]
+    row = lines[3].split()
+    assert row[0] == "0" and float(row[-3]) > 0 and row[-1].endswith("x")
+    assert main(["bench-data", "--shards", shards4, "--rand-augment", "rand-z1"]) == 2
+    assert "unknown section 'z1'" in capsys.readouterr().err

@@ -192,8 +192,8 @@ def timm_rand_augment(spec: str, mean: Sequence[float], interpolation: str = "bi
 
 
 def _posterize_keeping_zero_bits(posterize: Any) -> Any:
-    """timm's posterize, except that keeping 0 bits gives a black image as in mmcv and Pillow < 12:
-    Pillow 12+ refuses bits=0, which timm's increasing posterize reaches at magnitude 10."""
+    """timm's posterize, except that keeping 0 bits gives a black image as mmcv and older Pillow do:
+    recent Pillow (13.0) refuses bits=0, which timm's increasing posterize reaches at magnitude 10."""
 
     def op(img: Any, bits_to_keep: int, **kwargs: Any) -> Any:
         if bits_to_keep <= 0:
