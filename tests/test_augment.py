@@ -390,3 +390,14 @@ def test_bench_data_times_the_augmented_pipeline_beside_the_plain_one(shards4, c
     assert row[0] == "0" and float(row[-3]) > 0 and row[-1].endswith("x")
     assert main(["bench-data", "--shards", shards4, "--rand-augment", "rand-z1"]) == 2
     assert "unknown section 'z1'" in capsys.readouterr().err
+
+
+def test_classyvision_label_smoothing_is_standard_smoothing_of_s_over_1_plus_s():
+    """ClassyVision's label_smoothing_cross_entropy turns a (mixed) target t into (t + s/C) / (1 + s)."""
+    images, labels = _batch()
+    s, classes = 0.1, 10
+    for seed in range(5):
+        _, mixed = BatchMix(classes, 0.2, 0.0)(images, labels, seed)  # ClassyVision: mixup alpha 0.2
+        classy = (mixed + s / classes) / (1 + s)
+        _, ours = BatchMix(classes, 0.2, 0.0, smoothing=s / (1 + s))(images, labels, seed)
+        assert torch.allclose(classy, ours, atol=1e-6)
