@@ -203,7 +203,7 @@ def test_sample_augment_chains_policy_then_erasing_from_one_seed():
 
 def test_missing_library_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision.transforms.v2", None)
-    with pytest.raises(DataError, match=r"data.auto_augment='imagenet' uses torchvision.*pip install 'vit-accel\[timm\]'"):
+    with pytest.raises(DataError, match=r"auto_augment='imagenet' uses torchvision.*pip install 'vit-accel\[timm\]'"):
         SampleAugment(auto_augment="imagenet")
     monkeypatch.setitem(sys.modules, "timm.data.mixup", None)
     with pytest.raises(DataError, match=r"uses timm.*pip install 'vit-accel\[timm\]'"):
