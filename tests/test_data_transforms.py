@@ -1,4 +1,4 @@
-"""Host transforms (decode, crops, flips, eval crop) and device ops (normalize, mixup/cutmix)."""
+"""Host transforms (decode, crops, flips, eval crop) and the device op normalize (mixup/cutmix: test_augment.py)."""
 import io
 import random
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vit_accel.data import mixup_cutmix, normalize
+from vit_accel.data import normalize
 from vit_accel.data import transforms as T
 
 
@@ -124,34 +124,3 @@ def test_normalize_values_dtypes_and_shape_check():
     assert z.dtype == torch.bfloat16 and torch.allclose(z.float(), ref, atol=1e-2, rtol=1e-2)
     with pytest.raises(ValueError, match="C == len"):
         normalize(x, [0.0], [1.0])
-
-
-def test_mixup_cutmix_targets_and_determinism():
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(4, 3, 8, 8)
-    labels = torch.tensor([0, 1, 2, 3])
-    same, onehot = mixup_cutmix(images, labels, 5, 0.0, 0.0, g)
-    assert same is images and torch.equal(onehot, torch.nn.functional.one_hot(labels, 5).float())
-    _, smooth = mixup_cutmix(images, labels, 5, 0.0, 0.0, g, smoothing=0.1)
-    assert torch.allclose(smooth.sum(1), torch.ones(4)) and abs(smooth[0, 0].item() - 0.92) < 1e-6
-
-    mixed, t = mixup_cutmix(images, labels, 5, 0.8, 0.0, torch.Generator().manual_seed(1))
-    lam = t[0, 0].item()
-    assert torch.allclose(mixed, images * lam + images.flip(0) * (1 - lam), atol=1e-6)
-    assert torch.allclose(t.sum(1), torch.ones(4))
-    again, t2 = mixup_cutmix(images, labels, 5, 0.8, 0.0, torch.Generator().manual_seed(1))
-    assert torch.equal(again, mixed) and torch.equal(t2, t)
-
-    cut, t = mixup_cutmix(images, labels, 5, 0.0, 1.0, torch.Generator().manual_seed(2))
-    pasted = (cut != images).any(1).float().mean().item()  # fraction of pixels from the partner
-    assert abs(t[0, 0].item() - (1 - pasted)) < 1e-6 and abs(t[0, 3].item() - pasted) < 1e-6
-
-    kinds = set()  # both alphas on: each call is mixup (every pixel changes) or cutmix (some keep)
-    for seed in range(12):
-        out, _ = mixup_cutmix(images, labels, 5, 0.5, 0.5, torch.Generator().manual_seed(seed))
-        kinds.add("mixup" if (out != images).all() else "cutmix")
-    assert kinds == {"mixup", "cutmix"}
-    u8 = torch.randint(0, 255, (4, 3, 8, 8), dtype=torch.uint8)
-    assert mixup_cutmix(u8, labels, 5, 0.0, 1.0, torch.Generator().manual_seed(0))[0].dtype == torch.uint8
-    with pytest.raises(TypeError, match="normalize first"):
-        mixup_cutmix(u8, labels, 5, 1.0, 0.0, torch.Generator().manual_seed(0))

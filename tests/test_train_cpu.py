@@ -83,10 +83,13 @@ def _final_weights(rd: Path, step: int):
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, data_root):
+    # every random draw on: dropout, RandAugment + random erasing in the loader workers, Mixup/CutMix
+    augment = ["--set", "data.rand_augment=rand-m9-mstd0.5-inc1", "--set", "data.random_erasing=0.25",
+               "--set", "data.mixup=0.8", "--set", "data.cutmix=1.0", "--set", "optim.loss=soft_ce"]
     common = ["train", "--config", "vit-ti-digits", "--no-progress", "--set", f"data.root={data_root}",
               "--set", "schedule.total_steps=24", "--set", "schedule.warmup_steps=4",
               "--set", "train.eval_every=0", "--set", "train.checkpoint_every=8",
-              "--set", "train.keep_checkpoints=0", "--set", "model.drop_rate=0.1"] + TINY
+              "--set", "train.keep_checkpoints=0", "--set", "model.drop_rate=0.1"] + augment + TINY
     # one epoch of digits train is ~45 steps at batch 32: step 8..16 is mid-epoch
     full = _run(common + ["--run-dir", str(tmp_path / "full")], cwd=tmp_path)
     out, _ = full.communicate(timeout=600)

@@ -73,9 +73,14 @@ class DataConfig:
     shuffle_buffer: int = 1000
     resampled: bool = False
     max_bad_fraction: float = 0.001
-    mixup: float = 0.0
-    cutmix: float = 0.0
+    mixup: float = 0.0                    # Beta alpha of mixup (0 = off)
+    cutmix: float = 0.0                   # Beta alpha of cutmix (0 = off)
     decoder: str = "auto"
+    auto_augment: str = ""                # "" or "imagenet" (ClassyVision's policy via torchvision)
+    rand_augment: str = ""                # "" or a timm RandAugment string, e.g. "rand-m9-mstd0.5-inc1"
+    random_erasing: float = 0.0           # probability of mmpretrain's RandomErasing (mode 'rand')
+    mix_prob: float = 1.0                 # probability that a batch is mixed (mixup or cutmix)
+    mix_switch_prob: float = 0.5          # probability of cutmix rather than mixup when both alphas > 0
 
 
 @dataclass
@@ -91,6 +96,7 @@ class OptimConfig:
     eps: float = 1e-8
     label_smoothing: float = 0.0
     clip_grad_norm: float = 0.0           # 0 = no clipping
+    loss: str = "ce"                      # "ce" (cross-entropy) or "soft_ce" (soft-target cross-entropy)
 
 
 @dataclass
@@ -401,6 +407,13 @@ def validate(r: Recipe, backends: Optional[List[str]] = None) -> None:
     _one_of("data.source", r.data.source, ("shards", "digits"))
     _one_of("data.interpolation", r.data.interpolation, ("bilinear", "bicubic"))
     _one_of("optim.name", r.optim.name, ("sgd", "adamw"))
+    _one_of("optim.loss", r.optim.loss, ("ce", "soft_ce"))
+    from .data.augment import check_augment_settings
+
+    try:
+        check_augment_settings(r.data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _one_of("schedule.kind", r.schedule.kind, ("cosine", "constant"))
     _one_of("cpu.precision", r.cpu.precision, ("fp32", "bf16"))
     _one_of("gpu.precision", r.gpu.precision, ("bf16", "fp16", "fp32"))

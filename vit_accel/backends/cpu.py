@@ -90,8 +90,15 @@ class CPUBackend(Backend):
         return normalize(images.to(self.device, non_blocking=True), self.recipe.data.mean, self.recipe.data.std)
 
     def loss_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """optim.loss "ce": F.cross_entropy; "soft_ce": mean over samples of -sum(target x log_softmax)
+        (ClassyVision's and timm's SoftTargetCrossEntropy), class indices made one-hot first."""
         # soft targets (mixup/cutmix) already carry the label smoothing
         smoothing = 0.0 if target.is_floating_point() else self.recipe.optim.label_smoothing
+        if self.recipe.optim.loss == "soft_ce":
+            if not target.is_floating_point():
+                classes = logits.shape[1]
+                target = F.one_hot(target, classes).float() * (1.0 - smoothing) + smoothing / classes
+            return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         return F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> StepResult:

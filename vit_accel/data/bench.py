@@ -9,6 +9,10 @@ ImageFolder first (then the ratio is the reader's own gain).
 
     vit-accel bench-data --shards out/train.json --images originals/ --workers 1 2
 
+With --rand-augment / --auto-augment / --random-erasing the same run also times the shard
+loader with those per-sample augmentations over the same images (the recipe's pipeline
+against the plain one), alternating with the others.
+
 Python 3.8 compatible.
 """
 from __future__ import annotations
@@ -20,7 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -100,53 +104,90 @@ def _rate(batches: Any, count: int) -> Tuple[float, float]:
     return seen / wall, seen / max(_cpu_seconds() - cpu0, 1e-9)
 
 
+Rate = Tuple[float, float]
+
+
+def _best(a: Rate, b: Rate) -> Rate:
+    return max(a[0], b[0]), max(a[1], b[1])
+
+
 def run_bench(shards: str, images: str, workers: List[int], batch_size: int, img_size: int,
-              decoder: str, repeat: int = 1) -> List[Tuple[int, Tuple[float, float], Tuple[float, float]]]:
-    """-> [(workers, ours, baseline)], each (images/s, images per CPU-second). Both sides time
-    the same image count, alternating `repeat` times; the best run of each is kept (a shared
-    machine only ever slows a run). Images per CPU-second is the per-worker efficiency and
-    does not depend on how many cores other processes take."""
+              decoder: str, repeat: int = 1, augment: Optional[Dict[str, Any]] = None,
+              interpolation: str = "bilinear") -> List[Tuple[int, Rate, Rate, Optional[Rate]]]:
+    """-> [(workers, ours, baseline, augmented or None)], each (images/s, images per CPU-second).
+    Every loader times the same image count, alternating `repeat` times; the best run of each
+    is kept (a shared machine only ever slows a run). Images per CPU-second is the per-worker
+    efficiency and does not depend on how many cores other processes take. `augment`: the
+    TrainLoader keywords (auto_augment, rand_augment, random_erasing, mean, std) of the
+    augmented loader."""
     tmp = None
     try:
         if not images:
             tmp = tempfile.mkdtemp(prefix="vit-accel-bench-")
             extract_to_folder(shards, tmp)
             images = tmp
-        baseline = ImageFolderBaseline(images, img_size)
-        rows = []
+        baseline = ImageFolderBaseline(images, img_size, interpolation)
+        rows = []  # type: List[Tuple[int, Rate, Rate, Optional[Rate]]]
         for n in workers:
-            ours = TrainLoader(resolve_shards(shards), img_size, batch_size, seed=0, workers=n, decoder=decoder)
+            ours = TrainLoader(resolve_shards(shards), img_size, batch_size, seed=0, workers=n, decoder=decoder,
+                               interpolation=interpolation)
+            augmented = TrainLoader(resolve_shards(shards), img_size, batch_size, seed=0, workers=n, decoder=decoder,
+                                    interpolation=interpolation, **augment) if augment else None
             count = min(ours.batches_per_epoch, len(baseline) // batch_size) * batch_size
             if count == 0:
                 raise DataError("fewer than one batch (%d) of images to time" % batch_size)
             plain = DataLoader(baseline, batch_size=batch_size, shuffle=True, num_workers=n, drop_last=True)
-            best_ours, best_plain = (0.0, 0.0), (0.0, 0.0)
+            best_ours, best_plain, best_aug = (0.0, 0.0), (0.0, 0.0), (0.0, 0.0)
             for _ in range(max(repeat, 1)):
-                o, p = _rate(ours, count), _rate(plain, count)
-                best_ours = (max(best_ours[0], o[0]), max(best_ours[1], o[1]))
-                best_plain = (max(best_plain[0], p[0]), max(best_plain[1], p[1]))
-            rows.append((n, best_ours, best_plain))
+                best_ours = _best(best_ours, _rate(ours, count))
+                best_plain = _best(best_plain, _rate(plain, count))
+                if augmented is not None:
+                    best_aug = _best(best_aug, _rate(augmented, count))
+            rows.append((n, best_ours, best_plain, best_aug if augmented is not None else None))
         return rows
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _augment_options(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """The augmented loader's settings from the command line (None: no augmentation asked for)."""
+    if not (args.auto_augment or args.rand_augment or args.random_erasing > 0):
+        return None
+    from types import SimpleNamespace
+
+    from .augment import check_augment_settings
+
+    check_augment_settings(SimpleNamespace(auto_augment=args.auto_augment, rand_augment=args.rand_augment,
+                                           random_erasing=args.random_erasing, mixup=0.0, cutmix=0.0,
+                                           mix_prob=1.0, mix_switch_prob=0.5))
+    return dict(auto_augment=args.auto_augment, rand_augment=args.rand_augment,
+                random_erasing=args.random_erasing, mean=args.mean, std=args.std)
+
+
 def _bench_main(args: argparse.Namespace) -> int:
     try:
+        augment = _augment_options(args)
         rows = run_bench(args.shards, args.images, args.workers, args.batch_size, args.img_size, args.decoder,
-                         args.repeat)
-    except (DataError, ShardError, OSError) as e:
+                         args.repeat, augment, args.interpolation)
+    except (DataError, ShardError, OSError, ValueError) as e:
         print("bench-data: error: %s" % e, file=sys.stderr)
         return 2
-    print("bench-data: batch %d, %dpx, RandomResizedCrop+flip, decoder %s, best of %d; baseline: %s"
-          % (args.batch_size, args.img_size, args.decoder, max(args.repeat, 1),
+    print("bench-data: batch %d, %dpx, RandomResizedCrop+flip (%s), decoder %s, best of %d; baseline: %s"
+          % (args.batch_size, args.img_size, args.interpolation, args.decoder, max(args.repeat, 1),
              args.images or "shards extracted to an ImageFolder"))
+    if augment:
+        print("augmented: shards + %s" % ", ".join("%s=%s" % (k, v) for k, v in augment.items()
+                                                   if v and k in ("auto_augment", "rand_augment", "random_erasing")))
     print("%8s %13s %13s %7s   %17s %17s %7s" % ("workers", "shards img/s", "folder img/s", "ratio",
-                                                  "shards img/cpu-s", "folder img/cpu-s", "ratio"))
-    for n, ours, plain in rows:
-        print("%8d %13.1f %13.1f %6.2fx   %17.1f %17.1f %6.2fx"
-              % (n, ours[0], plain[0], ours[0] / plain[0], ours[1], plain[1], ours[1] / plain[1]))
+                                                  "shards img/cpu-s", "folder img/cpu-s", "ratio")
+          + ("   %15s %19s %9s" % ("augmented img/s", "augmented img/cpu-s", "aug/plain") if augment else ""))
+    for n, ours, plain, aug in rows:
+        line = "%8d %13.1f %13.1f %6.2fx   %17.1f %17.1f %6.2fx" % (
+            n, ours[0], plain[0], ours[0] / plain[0], ours[1], plain[1], ours[1] / plain[1])
+        if aug is not None:
+            line += "   %15.1f %19.1f %8.2fx" % (aug[0], aug[1], aug[1] / ours[1])
+        print(line)
     return 0
 
 
@@ -160,6 +201,16 @@ def add_bench_data_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--decoder", choices=["auto", "pil", "simplejpeg"], default="auto")
-    p.add_argument("--repeat", type=int, default=1, help="alternate the two loaders this many times, keep the best")
+    p.add_argument("--repeat", type=int, default=1, help="alternate the loaders this many times, keep the best")
+    p.add_argument("--interpolation", choices=["bilinear", "bicubic"], default="bilinear",
+                   help="crop resampling of every loader (and RandAugment's)")
+    p.add_argument("--auto-augment", default="", help="also time the shards with this data.auto_augment (imagenet)")
+    p.add_argument("--rand-augment", default="", help="also time the shards with this data.rand_augment, "
+                   "e.g. rand-m9-mstd0.5-inc1")
+    p.add_argument("--random-erasing", type=float, default=0.0, help="also time the shards with this "
+                   "data.random_erasing probability")
+    p.add_argument("--mean", type=float, nargs=3, default=[123.675, 116.28, 103.53],
+                   help="normalization mean (0..255): RandAugment's fill and erasing's fill mean")
+    p.add_argument("--std", type=float, nargs=3, default=[58.395, 57.12, 57.375], help="erasing's fill std")
     p.set_defaults(func=_bench_main)
     return p

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .augment import SampleAugment
 from .reader import (IMAGE_KEYS, DataError, Record, ResumeMismatch, ShardList, check_local_shards, plan_streams,
                      resampled_shards, resolve_shards, samples_per_stream, stream_records)
 from .transforms import DecodeError, eval_transform, resample_filter, resolve_decoder, train_transform
@@ -137,6 +138,7 @@ class _TrainEpoch(IterableDataset):
         rng = random.Random("shuffle/%d/%d/%d" % (o.seed, self.epoch, g))
         records = stream_records(o.shards, shard_ids, o.shuffle_buffer, rng, cursor, total, ring=o.batch_size)
         scale, ratio = tuple(o.scale), tuple(o.ratio)
+        augment = _sample_augment(o)
         B, S = o.batch_size, o.img_size
         for _ in range(remaining):
             images = torch.empty((B, 3, S, S), dtype=torch.uint8)
@@ -155,7 +157,8 @@ class _TrainEpoch(IterableDataset):
                 if data is not None:
                     crop_rng = random.Random("%d/%d/%d/%d" % (o.seed, self.epoch, g, pos))
                     try:
-                        arr = train_transform(data, S, crop_rng, scale, ratio, o.interpolation, o.hflip, o.decoder)
+                        arr = train_transform(data, S, crop_rng, scale, ratio, o.interpolation, o.hflip, o.decoder,
+                                              augment)
                     except DecodeError as e:
                         reason = str(e)
                 if reason:
@@ -173,11 +176,20 @@ class _TrainEpoch(IterableDataset):
                                          "new_bad": new_bad}
 
 
+def _sample_augment(o: _Opts) -> Optional[SampleAugment]:
+    """The reader's per-sample augmentations (built in the worker from plain settings), or None."""
+    aug = SampleAugment(o.auto_augment, o.rand_augment, o.random_erasing, o.mean, o.std, o.interpolation,
+                        o.img_size)
+    return aug if aug.enabled else None
+
+
 class TrainLoader:
     """Endless (images uint8 [B,3,H,W], labels int64 [B]) batches, epoch after epoch.
 
     `batches_per_epoch` batches per epoch, the same on every rank. `state_dict()` /
-    `load_state_dict()` give and restore the position of the next batch.
+    `load_state_dict()` give and restore the position of the next batch. `auto_augment`,
+    `rand_augment`, `random_erasing` (with the normalization `mean`/`std` as erasing's fill)
+    add per-sample augmentations after crop and flip (see augment.py).
     """
 
     def __init__(self, shards: ShardList, img_size: int, batch_size: int, seed: int, rank: int = 0,
@@ -185,7 +197,9 @@ class TrainLoader:
                  scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (0.75, 4.0 / 3.0),
                  interpolation: str = "bilinear", hflip: float = 0.5, decoder: str = "auto",
                  max_bad_fraction: float = 0.001, return_keys: bool = False, pin_memory: bool = False,
-                 prefetch_factor: int = 2):
+                 prefetch_factor: int = 2, auto_augment: str = "", rand_augment: str = "",
+                 random_erasing: float = 0.0, mean: Sequence[float] = (127.5, 127.5, 127.5),
+                 std: Sequence[float] = (127.5, 127.5, 127.5)):
         if not 0 <= rank < world_size:
             raise ValueError("rank %d is not in 0..world_size-1 (world_size=%d)" % (rank, world_size))
         if batch_size < 1 or img_size < 1:
@@ -217,7 +231,10 @@ class TrainLoader:
                        world_size=world_size, workers=workers, shuffle_buffer=shuffle_buffer, resampled=resampled,
                        scale=list(scale), ratio=list(ratio), interpolation=interpolation, hflip=hflip,
                        decoder=resolve_decoder(decoder), max_bad_fraction=max_bad_fraction,
-                       num_classes=len(shards.classes) if shards.classes else None, per_reader=per_reader)
+                       num_classes=len(shards.classes) if shards.classes else None, per_reader=per_reader,
+                       auto_augment=auto_augment, rand_augment=rand_augment, random_erasing=random_erasing,
+                       mean=list(mean), std=list(std))
+        _sample_augment(self.o)  # a bad name or a missing library fails now, not in a worker
         self.batches_per_epoch = per_reader * max(workers, 1)
         self.samples_per_epoch = self.batches_per_epoch * batch_size  # per rank
         self.num_samples = shards.num_samples
@@ -480,7 +497,9 @@ def build_train_loader(cfg: Any, img_size: int, batch_size: int, seed: int, rank
                        workers=cfg.workers, shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled,
                        scale=cfg.scale, ratio=cfg.ratio, interpolation=cfg.interpolation, hflip=cfg.hflip,
                        decoder=cfg.decoder, max_bad_fraction=cfg.max_bad_fraction, return_keys=return_keys,
-                       pin_memory=pin_memory)
+                       pin_memory=pin_memory, auto_augment=getattr(cfg, "auto_augment", ""),
+                       rand_augment=getattr(cfg, "rand_augment", ""),
+                       random_erasing=getattr(cfg, "random_erasing", 0.0), mean=cfg.mean, std=cfg.std)
 
 
 def build_eval_loader(cfg: Any, img_size: int, batch_size: int, rank: int = 0, world_size: int = 1,

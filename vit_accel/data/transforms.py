@@ -1,8 +1,8 @@
 """Image decode and transforms without torchvision: PIL (or simplejpeg) on the host, uint8 out.
 
-The host side turns encoded bytes into a uint8 HWC array of the final size; normalization
-and mixup/cutmix run on the device (`normalize`, `mixup_cutmix`), so the host ships 1 byte
-per pixel instead of 4 and the device does the arithmetic.
+The host side turns encoded bytes into a uint8 HWC array of the final size (with the recipe's
+per-sample augmentations, `augment.SampleAugment`); normalization runs on the device
+(`normalize`), so the host ships 1 byte per pixel instead of 4 and the device does the arithmetic.
 
 Random crops are drawn from a `random.Random` the caller seeds per sample (from seed, epoch,
 reader and sample index), so a resumed run draws exactly the crops an uninterrupted run
@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import math
 import random
-from typing import Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -137,11 +137,13 @@ def decode_image(data: bytes, decoder: str = "pil") -> Image.Image:
 
 def train_transform(data: bytes, img_size: int, rng: random.Random, scale: Sequence[float] = (0.08, 1.0),
                     ratio: Sequence[float] = (0.75, 4.0 / 3.0), interpolation: str = "bilinear",
-                    hflip: float = 0.5, decoder: str = "pil") -> np.ndarray:
-    """Encoded bytes -> uint8 (img_size, img_size, 3): RandomResizedCrop + horizontal flip.
+                    hflip: float = 0.5, decoder: str = "pil",
+                    augment: Optional[Callable[[Any, random.Random], np.ndarray]] = None) -> np.ndarray:
+    """Encoded bytes -> uint8 (img_size, img_size, 3): RandomResizedCrop + horizontal flip [+ augment].
 
-    All random draws come from `rng` before any pixel work, in a fixed order (crop, flip),
-    so the result depends only on the bytes and the rng seed.
+    The crop and flip draws come from `rng` before any pixel work, in a fixed order (crop,
+    flip); `augment(crop, rng)` (a `SampleAugment`) then draws from the same rng, so the result
+    depends only on the bytes and the rng seed.
     """
     img = open_image(data)
     width, height = img.size
@@ -154,7 +156,7 @@ def train_transform(data: bytes, img_size: int, rng: random.Random, scale: Seque
     img = img.resize((img_size, img_size), resample_filter(interpolation), box=box)
     if flip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(img)
+    return augment(img, rng) if augment is not None else np.asarray(img)
 
 
 def eval_transform(data: bytes, img_size: int, resize: int = 0, interpolation: str = "bilinear",
@@ -189,56 +191,3 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
     inv = 1.0 / torch.tensor(list(std), dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     out = (images.to(torch.float32) - m) * inv
     return out if dtype == torch.float32 else out.to(dtype)
-
-
-def _beta(alpha: float, generator: torch.Generator) -> float:
-    # torch.distributions.Beta takes no generator; draw a numpy seed from the torch one so a
-    # seeded generator fixes lambda, on whatever device the generator lives.
-    seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator, device=generator.device).item())
-    return float(np.random.default_rng(seed).beta(alpha, alpha))
-
-
-def _uniform(generator: torch.Generator) -> float:
-    return float(torch.rand((1,), generator=generator, device=generator.device).item())
-
-
-def mixup_cutmix(images: torch.Tensor, labels: torch.Tensor, num_classes: int, mixup_alpha: float,
-                 cutmix_alpha: float, generator: torch.Generator,
-                 smoothing: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Batch mixup or cutmix with the batch reversed as partner -> (images, soft targets [B, num_classes]).
-
-    Both alphas > 0: each call picks one of the two with probability 1/2. Both 0: images
-    unchanged, targets one-hot (with optional label smoothing). Mixup needs floating images
-    (call after `normalize`); cutmix works on any dtype. Pairing with the reversed batch
-    needs no permutation draw, so a batch split across devices mixes the same way.
-    """
-    if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
-        raise ValueError("labels must be [B] matching images [B, ...]; got %s and %s"
-                         % (tuple(labels.shape), tuple(images.shape)))
-    off = smoothing / num_classes
-    onehot = torch.nn.functional.one_hot(labels.long(), num_classes).to(torch.float32)
-    targets = onehot * (1.0 - smoothing) + off
-    use_mixup, use_cutmix = mixup_alpha > 0, cutmix_alpha > 0
-    if not (use_mixup or use_cutmix):
-        return images, targets
-    if use_mixup and use_cutmix:
-        use_cutmix = _uniform(generator) < 0.5
-        use_mixup = not use_cutmix
-    partner_targets = targets.flip(0)
-    if use_mixup:
-        if not images.is_floating_point():
-            raise TypeError("mixup needs floating images (apply normalize first); got %s" % (images.dtype,))
-        lam = _beta(mixup_alpha, generator)
-        mixed = images * lam + images.flip(0) * (1.0 - lam)
-    else:
-        lam = _beta(cutmix_alpha, generator)
-        height, width = images.shape[-2], images.shape[-1]
-        cut = math.sqrt(1.0 - lam)
-        cut_h, cut_w = int(height * cut), int(width * cut)
-        cy, cx = int(_uniform(generator) * height), int(_uniform(generator) * width)
-        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
-        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
-        mixed = images.clone()
-        mixed[..., y0:y1, x0:x1] = images.flip(0)[..., y0:y1, x0:x1]
-        lam = 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)  # the area actually pasted
-    return mixed, targets * lam + partner_targets * (1.0 - lam)

@@ -227,20 +227,21 @@ def train(recipe: Recipe, backend_name: str = "auto", run_dir: Optional[str] = N
     last_loss = float("nan")
     val: Dict[str, float] = {}
     spc = backend.steps_per_call
-    mix = recipe.data.mixup > 0 or recipe.data.cutmix > 0
-    if mix:
-        from ..data import mixup_cutmix
+    mix = None
+    if recipe.data.mixup > 0 or recipe.data.cutmix > 0:
+        from ..data import BatchMix
+
+        d = recipe.data
+        mix = BatchMix(recipe.model.num_classes, d.mixup, d.cutmix, d.mix_prob, d.mix_switch_prob,
+                       recipe.optim.label_smoothing, batch_size=backend.batch_per_call)
     while step < end:
         images, labels = next(batches)
         # Seeded after the fetch: starting DataLoader workers draws from torch's RNG, and that
         # happens at a different step in a resumed run.
         torch.manual_seed(_step_seed(seed, backend.rank, step))
         lr = lr_at(step, recipe.schedule, recipe.optim.lr)
-        if mix:  # on the host, before normalization (linear, so the same as after), for every backend
-            gen = torch.Generator().manual_seed(_step_seed(seed, backend.rank, step))
-            images, labels = mixup_cutmix(images.float() if recipe.data.mixup > 0 else images, labels,
-                                          recipe.model.num_classes, recipe.data.mixup, recipe.data.cutmix, gen,
-                                          smoothing=recipe.optim.label_smoothing)
+        if mix is not None:  # on the host, before normalization (affine, so the same as after), for every backend
+            images, labels = mix(images, labels, _step_seed(seed, backend.rank, step))
         t0 = time.perf_counter()
         result = backend.train_step(images, labels, lr)
         dt = time.perf_counter() - t0

@@ -1,0 +1,236 @@
+"""Training augmentations with each source's semantics, from the libraries its users use.
+
+    data.auto_augment: "imagenet"   ClassyVision's ImageNet AutoAugment -> torchvision.transforms.v2.AutoAugment
+    data.rand_augment: "rand-..."   timm's RandAugment string (mmpretrain's "timm_increasing" is
+                                    "rand-m9-mstd0.5-inc1") -> timm.data.rand_augment_transform
+    data.random_erasing: p          mmpretrain's RandomErasing (mode 'rand'), on the uint8 crop
+    data.mixup / data.cutmix        timm.data.Mixup on the batch (timm, ClassyVision, mmpretrain)
+
+Per-sample augmentations run in the loader workers on the uint8 crop, after RandomResizedCrop
+and flip (the order of every source). Their randomness comes only from the per-sample
+`random.Random` the loader seeds from (seed, epoch, reader, position): the libraries draw from
+the process-global python/numpy/torch generators, so `seeded_global_rngs` seeds those from the
+sample's rng around the call and restores them after. A resumed run draws the same
+augmentations; the caller's global RNG state is left as it was.
+
+torchvision and timm are imported only when a recipe asks for them (`pip install
+'vit-accel[timm]'`); the IPU host (Python 3.8, torch 2.0.1) imports this module without them.
+"""
+from __future__ import annotations
+
+import math
+import random
+import re
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .reader import DataError
+
+AUTO_AUGMENT_POLICIES = ("", "imagenet")
+# timm's RandAugment string sections this package accepts (timm also has 't', a transform-set name)
+RAND_AUGMENT_SECTIONS = {"m": int, "n": int, "p": float, "mstd": float, "mmax": int, "inc": int}
+RAND_AUGMENT_FORM = "rand-m<int>[-n<int>][-p<float>][-mstd<float>][-mmax<int>][-inc<0|1>], e.g. rand-m9-mstd0.5-inc1"
+# mmpretrain's RandomErasing in its imagenet_bs64_swin_224 pipeline (the only source row that erases)
+ERASE_AREA = (0.02, 1.0 / 3.0)
+ERASE_ASPECT = (0.3, 1.0 / 0.3)
+CLASSYVISION_FILL = 128  # ClassyVision's ImagenetAutoAugment fills with middle gray
+INSTALL_HINT = "pip install 'vit-accel[timm]'"
+
+
+# ----------------------------------------------------------------------------- settings
+
+def parse_rand_augment(spec: str) -> Dict[str, Any]:
+    """Sections of a timm RandAugment string -> {"m": 9, "mstd": 0.5, ...}; ValueError names the form."""
+    parts = spec.split("-")
+    if parts[0] != "rand":
+        raise ValueError("data.rand_augment %r must start with 'rand-'; form: %s" % (spec, RAND_AUGMENT_FORM))
+    out = {}  # type: Dict[str, Any]
+    for part in parts[1:]:
+        m = re.match(r"(\D*)(.*)$", part)  # the name runs up to the first digit, as timm splits it
+        key = m.group(1)
+        if key not in RAND_AUGMENT_SECTIONS:
+            raise ValueError("data.rand_augment %r: unknown section %r; valid sections: %s (form: %s)"
+                             % (spec, part, ", ".join(RAND_AUGMENT_SECTIONS), RAND_AUGMENT_FORM))
+        try:
+            out[key] = RAND_AUGMENT_SECTIONS[key](m.group(2))
+        except ValueError:
+            raise ValueError("data.rand_augment %r: section %r needs a value of type %s (form: %s)"
+                             % (spec, part, RAND_AUGMENT_SECTIONS[key].__name__, RAND_AUGMENT_FORM)) from None
+    return out
+
+
+def check_augment_settings(d: Any) -> None:
+    """Validate a data section's augmentation keys; ValueError with the key and the valid values."""
+    if d.auto_augment not in AUTO_AUGMENT_POLICIES:
+        raise ValueError("data.auto_augment: %r is not one of %s" % (d.auto_augment, ", ".join(
+            repr(p) for p in AUTO_AUGMENT_POLICIES)))
+    if d.rand_augment:
+        parse_rand_augment(d.rand_augment)
+        if d.auto_augment:
+            raise ValueError("data.auto_augment and data.rand_augment are both set; no source applies both: "
+                             "set one of them to \"\"")
+    for key in ("random_erasing", "mix_prob", "mix_switch_prob"):
+        if not 0.0 <= getattr(d, key) <= 1.0:
+            raise ValueError("data.%s is a probability in [0, 1], got %r" % (key, getattr(d, key)))
+    for key in ("mixup", "cutmix"):
+        if getattr(d, key) < 0:
+            raise ValueError("data.%s is a Beta alpha, >= 0 (0 = off), got %r" % (key, getattr(d, key)))
+
+
+def _import(module: str, key: str, value: Any) -> Any:
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError as e:
+        raise DataError("%s=%r uses %s, which is not installed here (%s): %s"
+                        % (key, value, module.split(".")[0], e, INSTALL_HINT)) from None
+
+
+# ----------------------------------------------------------------------------- randomness
+
+@contextmanager
+def seeded_global_rngs(seed: int) -> Iterator[None]:
+    """Seed python's, numpy's and torch's CPU global generators from `seed`; restore them after."""
+    py, npy, tch = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.default_generator.set_state(tch)
+
+
+# ----------------------------------------------------------------------------- per sample
+
+def random_erase(arr: np.ndarray, rng: random.Random, prob: float, fill_mean: Sequence[float],
+                 fill_std: Sequence[float], area: Sequence[float] = ERASE_AREA,
+                 aspect: Sequence[float] = ERASE_ASPECT) -> np.ndarray:
+    """mmpretrain's RandomErasing(mode='rand', fill_color=mean, fill_std=std) on a uint8 HWC array.
+
+    With probability `prob`, one rectangle of area uniform in `area` x image area, log-uniform
+    aspect (h/w) in `aspect`, sides rounded and clamped to the image, top-left uniform over
+    the positions that fit (the last row/column excluded, as numpy's randint draws), filled with
+    per-pixel N(mean, std) truncated toward zero and clipped to 0..255. One try, no retries.
+    Draws: the switch, the aspect, the area, top, left from `rng`, then the fill from a numpy
+    generator seeded by `rng`. Returns `arr` itself when nothing is erased, else a copy.
+    """
+    if rng.random() >= prob:  # mmpretrain disables when rand() > prob
+        return arr
+    img_h, img_w = arr.shape[:2]
+    aspect_ratio = math.exp(rng.uniform(math.log(aspect[0]), math.log(aspect[1])))
+    target = img_h * img_w * rng.uniform(area[0], area[1])
+    h = min(int(round(math.sqrt(target * aspect_ratio))), img_h)
+    w = min(int(round(math.sqrt(target / aspect_ratio))), img_w)
+    top = rng.randrange(0, img_h - h) if img_h > h else 0
+    left = rng.randrange(0, img_w - w) if img_w > w else 0
+    noise = np.random.default_rng(rng.getrandbits(64)).normal(fill_mean, fill_std, (h, w, arr.shape[2]))
+    out = np.array(arr, copy=True)
+    out[top:top + h, left:left + w] = np.clip(noise.astype(np.int32), 0, 255).astype(np.uint8)
+    return out
+
+
+class SampleAugment:
+    """The per-sample augmentations of a recipe: PIL crop + per-sample rng -> uint8 HWC array.
+
+    Built from plain values so a spawned worker can build its own; building imports the library
+    (so a missing one fails in the main process, before any worker starts).
+    """
+
+    def __init__(self, auto_augment: str = "", rand_augment: str = "", random_erasing: float = 0.0,
+                 mean: Sequence[float] = (127.5, 127.5, 127.5), std: Sequence[float] = (127.5, 127.5, 127.5),
+                 interpolation: str = "bilinear", img_size: int = 224):
+        self.random_erasing, self.mean, self.std = float(random_erasing), list(mean), list(std)
+        self.policy = None  # type: Any
+        if auto_augment == "imagenet":
+            self.policy = imagenet_auto_augment()
+        elif auto_augment:
+            raise ValueError("data.auto_augment: %r is not one of %s" % (auto_augment, AUTO_AUGMENT_POLICIES))
+        elif rand_augment:
+            self.policy = timm_rand_augment(rand_augment, mean, interpolation, img_size)
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy is not None or self.random_erasing > 0
+
+    def __call__(self, img: Any, rng: random.Random) -> np.ndarray:
+        if self.policy is not None:
+            with seeded_global_rngs(rng.getrandbits(63)):
+                img = self.policy(img)
+        arr = np.asarray(img)
+        if self.random_erasing > 0:
+            arr = random_erase(arr, rng, self.random_erasing, self.mean, self.std)
+        return arr
+
+
+def imagenet_auto_augment() -> Any:
+    """torchvision's AutoAugment(IMAGENET) with ClassyVision's gray fill (draws: torch's global RNG)."""
+    v2 = _import("torchvision.transforms.v2", "data.auto_augment", "imagenet")
+    return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=v2.InterpolationMode.NEAREST,
+                          fill=CLASSYVISION_FILL)
+
+
+def timm_rand_augment(spec: str, mean: Sequence[float], interpolation: str = "bilinear", img_size: int = 224) -> Any:
+    """timm's RandAugment with the hparams timm's create_transform (and mmpretrain's config) give it:
+    fill = the rounded normalization mean (0..255), the recipe's interpolation, translate 45%."""
+    parse_rand_augment(spec)
+    aa = _import("timm.data.auto_augment", "data.rand_augment", spec)
+    from PIL import Image
+
+    hparams = dict(translate_const=int(img_size * 0.45), translate_pct=0.45,
+                   img_mean=tuple(min(255, int(round(m))) for m in mean),
+                   interpolation={"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[interpolation])
+    ra = aa.rand_augment_transform(spec, hparams)
+    for op in ra.ops:
+        if op.name.startswith("Posterize"):
+            op.aug_fn = _posterize_keeping_zero_bits(op.aug_fn)
+    return ra
+
+
+def _posterize_keeping_zero_bits(posterize: Any) -> Any:
+    """timm's posterize, except that keeping 0 bits gives a black image as mmcv and older Pillow do:
+    recent Pillow (13.0) refuses bits=0, which timm's increasing posterize reaches at magnitude 10."""
+
+    def op(img: Any, bits_to_keep: int, **kwargs: Any) -> Any:
+        if bits_to_keep <= 0:
+            from PIL import Image
+
+            return Image.new(img.mode, img.size)
+        return posterize(img, bits_to_keep, **kwargs)
+
+    return op
+
+
+# ----------------------------------------------------------------------------- per batch
+
+class BatchMix:
+    """timm's Mixup in 'batch' mode: one draw per batch, the batch reversed as partner.
+
+    With probability `prob` the batch is mixed; then cutmix with probability `switch_prob` when
+    both alphas are on (else the one that is); lambda ~ Beta(alpha, alpha), cutmix's corrected to
+    the pasted area. Targets: one-hot smoothed by `smoothing`, mixed with the same lambda.
+    `__call__(images, labels, seed)`: timm draws from numpy's global generator, seeded here
+    from `seed` (the trainer's per-step seed), so a resumed run mixes the same way.
+    """
+
+    def __init__(self, num_classes: int, mixup: float, cutmix: float, prob: float = 1.0,
+                 switch_prob: float = 0.5, smoothing: float = 0.0, batch_size: Optional[int] = None):
+        if batch_size is not None and batch_size % 2:
+            raise DataError("mixup/cutmix (data.mixup=%g, data.cutmix=%g) pair each image with the reversed batch "
+                            "and need an even batch per call; got %d" % (mixup, cutmix, batch_size))
+        mixup_mod = _import("timm.data.mixup", "data.mixup/cutmix", (mixup, cutmix))
+        self.mixer = mixup_mod.Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=prob, switch_prob=switch_prob,
+                                     mode="batch", correct_lam=True, label_smoothing=smoothing,
+                                     num_classes=num_classes)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """uint8 or float [B, C, H, W] + int labels [B] -> float32 images, float32 targets [B, classes]."""
+        if images.shape[0] % 2:
+            raise DataError("mixup/cutmix need an even batch, got %d images" % images.shape[0])
+        x = images.to(torch.float32, copy=True)  # timm mixes in place: never the caller's tensor
+        with seeded_global_rngs(seed):
+            return self.mixer(x, labels)
