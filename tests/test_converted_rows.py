@@ -249,3 +249,25 @@ def test_eval_recipe_runs_end_to_end(tmp_path, capsys, row):
     assert math.isfinite(res["val_loss"])
     if "in21k" in recipe:
         assert "no head in the checkpoint" in out
+
+
+README_COMMANDS = [
+    "vit-accel eval --config timm-vit-b16-r50-384 --checkpoint jx_vit_base_resnet50_384-9fd3c705.pth "
+    "--set data.val_shards=/data/imagenet/val-{000000..000063}.tar",
+    "vit-accel configs --json",
+    "vit-accel plan --backend cpu --config timm-vit-b16-r50-384 --json",
+    "vit-accel plan --backend ipu --config timm-vit-b16-r50-384",
+]
+
+
+@pytest.mark.parametrize("cmd", README_COMMANDS)
+def test_readme_commands_parse(cmd):
+    import os
+    import shlex
+
+    from vit_accel.cli import build_parser
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read().replace("\\\n", "")
+    assert " ".join(cmd.split()) in " ".join(readme.split())
+    args = build_parser().parse_args(shlex.split(cmd)[1:])
+    assert callable(args.func)

@@ -173,3 +173,20 @@ def test_full_size_original_small_vit_is_recognized(tmp_path):
     assert (model.cfg.name, model.cfg.num_heads, model.cfg.qk_scale, model.cfg.layer_norm_eps) == \
         ("vit-s16-orig", 8, 768 ** -0.5, 1e-5)
     assert model.num_params() == 48_754_408 and not rep.missing and not rep.unexpected
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("vit-b16-r50", dict(img_size=32, width=64, depth=1, num_heads=2, num_classes=5)),
+    ("vit-s16-orig", dict(img_size=32, width=64, depth=1, num_heads=2, num_classes=5, qk_scale=64 ** -0.5))])
+def test_kernel_ops_give_the_torch_ops_logits(name, kw):
+    """What the GPU backend builds (Triton attention with the variant's softmax scale, LayerNorm, bias +
+    GELU; the stem stays torch convolutions) computes what the CPU path does: under the Triton
+    interpreter here, on CUDA tensors where a GPU is present."""
+    pytest.importorskip("triton")
+    ref = _randomize(create_vit(name, **kw))
+    fused = create_vit(name, attn_impl="triton", norm_impl="triton", mlp_impl="triton", **kw).eval()
+    fused.load_state_dict(ref.state_dict())
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = _x(32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.to(dev)(x.to(dev)).cpu(), ref(x), atol=1e-4, rtol=1e-4)
