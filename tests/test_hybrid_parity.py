@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from vit_accel.checkpoints import CheckpointError, load_pretrained, model_from_checkpoint, save_checkpoint
+from vit_accel.checkpoints import (CheckpointError, inspect_checkpoint, load_pretrained, model_from_checkpoint,
+                                   save_checkpoint)
 from vit_accel.hybrid import stem_counts
 from vit_accel.model import create_vit
 
@@ -81,10 +82,16 @@ def test_google_npz_of_the_hybrid_matches_timms_reader(tmp_path):
         torch.testing.assert_close(again.eval()(x), ours(x), atol=1e-5, rtol=1e-5)
 
 
-def test_full_size_hybrid_matches_timm():
-    """The row's own model: 98.95 M parameters and timm's logits at 384 (one image)."""
+@pytest.mark.slow
+def test_full_size_hybrid_matches_timm(tmp_path):
+    """The row's own model: 98.95 M parameters and timm's logits at 384 (one image); inspect reads a
+    timm vit_base_r50_s16_384 file as the hybrid (it once said "img_size 24, patch_size 1")."""
     torch.manual_seed(0)
     ref = _timm_hybrid().eval()
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "r50.safetensors"))
+    info = inspect_checkpoint(str(tmp_path / "r50.safetensors"))
+    assert (info["variant"], info["img_size"], info["patch_size"], info["hybrid_layers"], info["num_heads"],
+            info["parameters"]) == ("vit-b16-r50", 384, 1, [3, 4, 9], 12, 98_950_952)
     ours = create_vit("vit-b16-r50", img_size=384)
     assert ours.num_params() == sum(p.numel() for p in ref.parameters()) == 98_950_952
     ours.load_state_dict(ref.state_dict(), strict=True)
@@ -164,6 +171,7 @@ def test_original_small_vit_matches_timm_both_ways(tmp_path):
         torch.testing.assert_close(back(x), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_full_size_original_small_vit_is_recognized(tmp_path):
     """A full-size file of the original vit_small_patch16_224 builds vit-s16-orig with its scale and eps."""
     ref = _orig_small_timm(img_size=224, depth=8)
