@@ -271,3 +271,26 @@ def test_readme_commands_parse(cmd):
     assert " ".join(cmd.split()) in " ".join(readme.split())
     args = build_parser().parse_args(shlex.split(cmd)[1:])
     assert callable(args.func)
+
+
+def test_ipu_runs_the_hybrid_stem_on_the_first_stage(monkeypatch):
+    """The recipe's plan applied with the PopTorch test double: the ResNet stem's convolutions run
+    inside the first BeginBlock (stage 0, IPU 0), before the second stage starts."""
+    import sys
+
+    import poptorch_double
+    from vit_accel.backends.ipu import apply_plan
+    from vit_accel.backends.pipeline import build_plan
+
+    monkeypatch.setitem(sys.modules, "poptorch", poptorch_double)
+    poptorch_double.events.clear()
+    r = load_recipe("timm-vit-b16-r50-384")
+    with torch.device("meta"):
+        model = create_vit(r.model.name, attn_impl="eager", **vit_options(r.model))
+    apply_plan(model, build_plan(r), poptorch_double)
+    stem = model.patch_embed.backbone
+    stem.stem.conv.register_forward_hook(lambda *a: poptorch_double.events.append(("stem-start",)))
+    stem.stages[-1].register_forward_hook(lambda *a: poptorch_double.events.append(("stem-end",)))
+    model(torch.empty(1, 3, 384, 384, device="meta"))
+    kinds = [e[0] if e[0] != "block" else e[1:] for e in poptorch_double.events if e[0] != "checkpoint"]
+    assert kinds[:4] == [("stage0:patch_embed", 0), "stem-start", "stem-end", ("stage1:blocks.1", 1)]
