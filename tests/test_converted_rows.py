@@ -294,3 +294,24 @@ def test_ipu_runs_the_hybrid_stem_on_the_first_stage(monkeypatch):
     model(torch.empty(1, 3, 384, 384, device="meta"))
     kinds = [e[0] if e[0] != "block" else e[1:] for e in poptorch_double.events if e[0] != "checkpoint"]
     assert kinds[:4] == [("stage0:patch_embed", 0), "stem-start", "stem-end", ("stage1:blocks.1", 1)]
+
+
+def test_mmpretrain_file_with_its_normalization_buffers_loads(tmp_path):
+    """mmpretrain 1.x checkpoints carry data_preprocessor.mean/std beside the weights: not model tensors,
+    so not a reason to refuse; a truly foreign tensor is."""
+    from vit_accel.checkpoints import CheckpointError
+
+    src = create_vit("vit-ti16", img_size=32, patch_size=8, depth=1, num_classes=5)
+    path = save_checkpoint(src, tmp_path / "mm.pth", format="mmcls")
+    obj = torch.load(path)
+    obj["state_dict"]["data_preprocessor.mean"] = torch.full((3, 1, 1), 127.5)
+    obj["state_dict"]["data_preprocessor.std"] = torch.full((3, 1, 1), 127.5)
+    torch.save(obj, path)
+    model = create_vit("vit-ti16", img_size=32, patch_size=8, depth=1, num_classes=5)
+    rep = load_pretrained(model, str(path))
+    assert rep.loaded == len(model.state_dict()) and not rep.missing
+    obj["state_dict"]["backbone.extra_adapter.weight"] = torch.zeros(4)
+    torch.save(obj, path)
+    with pytest.raises(CheckpointError, match="has 1 tensors that a mmcls model does not have: "
+                                              "backbone.extra_adapter.weight"):
+        load_pretrained(model, str(path))

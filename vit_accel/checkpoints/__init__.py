@@ -128,7 +128,7 @@ def _fit(model: ViT, src: Source, strict_shapes: bool) -> LoadReport:
             tuple(pos.shape), tuple(new.shape), math.isqrt(pos.shape[1] - 1), math.isqrt(pos.shape[1] - 1),
             cfg.grid_size, cfg.grid_size))
         sd["pos_embed"] = new
-    _refuse(src.path, sorted(k for k in sd if k not in own), "has|that a %s model does not have" % src.format)
+    _refuse(src.path, sorted(k for k in sd if k not in own), "has", "that a %s model does not have" % src.format)
     bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items() if k in own and v.shape != own[k].shape]
     if bad and strict_shapes:
         raise CheckpointError("%s does not fit the model (%d tensors): %s" % (
@@ -144,7 +144,7 @@ def _fit(model: ViT, src: Source, strict_shapes: bool) -> LoadReport:
     rep.missing = sorted(k for k in own if k not in fit and k not in dropped)
     rep.unexpected = sorted(k for k in sd if k not in own)
     optional = ("head.", "pre_logits.") + (("fc_norm.", "norm.") if ck_fc != md_fc else ())
-    _refuse(src.path, [k for k in rep.missing if not k.startswith(optional)], "lacks|the model needs")
+    _refuse(src.path, [k for k in rep.missing if not k.startswith(optional)], "lacks", "the model needs")
     model.load_state_dict(fit, strict=False)
     rep.loaded = len(fit)
     vc = src.hints.get("vit_config") or {}
@@ -170,13 +170,13 @@ def _names(keys: List[str], limit: int = 6) -> str:
     return ", ".join(items[:limit]) + (" (+%d more)" % (len(items) - limit) if len(items) > limit else "")
 
 
-def _refuse(path: str, keys: List[str], what: str) -> None:
+def _refuse(path: str, keys: List[str], verb: str, which: str) -> None:
     """A file with tensors the model cannot use, or without ones it needs, describes another model:
     refuse it rather than run with random parts (heads and pre-logits may be absent; they are reported)."""
     if keys:
         raise CheckpointError("%s: %s %d tensors %s: %s; the file describes another model (build that one from the "
                               "file: model_from_checkpoint, or see vit-accel inspect)"
-                              % (path, what.split("|")[0], len(keys), what.split("|")[1], _names(keys)))
+                              % (path, verb, len(keys), which, _names(keys)))
 
 
 def load_pretrained(model: ViT, path: str, format: str = "auto", strict_shapes: bool = True) -> LoadReport:
@@ -365,7 +365,8 @@ def inspect_checkpoint(path: str, format: str = "auto", **overrides) -> Dict[str
     except (RuntimeError, NotImplementedError):  # an init op with no meta kernel in an older torch
         params = ViT(cfg).num_params()
     return {"path": os.fspath(path), "format": src.format, "variant": cfg.name, "img_size": cfg.img_size,
-            "patch_size": cfg.patch_size, "hybrid_layers": list(cfg.hybrid_layers), "qk_scale": cfg.qk_scale, "width": cfg.width, "depth": cfg.depth, "num_heads": cfg.num_heads,
+            "patch_size": cfg.patch_size, "hybrid_layers": list(cfg.hybrid_layers), "qk_scale": cfg.qk_scale,
+            "width": cfg.width, "depth": cfg.depth, "num_heads": cfg.num_heads,
             "num_classes": cfg.num_classes, "representation_size": cfg.representation_size,
             "layer_norm_eps": cfg.layer_norm_eps, "parameters": params}
 
