@@ -60,7 +60,8 @@ def test_every_variant_builds(name):
     assert (m.cfg.width, m.cfg.depth, m.cfg.num_heads, m.cfg.patch_size) == (width, depth, heads, patch)
     assert len(m.blocks) == depth
     assert m.blocks[0].mlp.fc1.weight.shape == (int(width * mlp_ratio), width)
-    assert m.pos_embed.shape == (1, 1 + (224 // patch) ** 2, width)
+    stride = patch * (16 if m.cfg.hybrid_layers else 1)  # the R50 stem reduces 16x before its 1x1 patches
+    assert m.pos_embed.shape == (1, 1 + (224 // stride) ** 2, width)
 
 
 # ----------------------------------------------------------------------------- forward

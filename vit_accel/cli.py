@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .config import ConfigError, list_configs, load_recipe
+from .config import ConfigError, find_config, list_configs, load_recipe
 
 # (module, function) pairs that register sub-commands living beside their code
 EXTERNAL_COMMANDS = [
@@ -67,7 +67,11 @@ def cmd_eval(args) -> int:
     if backend.is_main:
         print(f"loaded {args.checkpoint}: {report}")
     backend.setup(model)
-    _, val_spec = data_specs(recipe)
+    # evaluation needs only the validation split (the bundled digits write both on first use)
+    val_spec = data_specs(recipe)[1] if recipe.data.source == "digits" else recipe.data.val_shards
+    if not val_spec:
+        raise ConfigError("data.val_shards is empty: point it at webdataset shards "
+                          "(--set data.val_shards=/path/val-{000000..000063}.tar)")
     cfg = _with_shards(recipe, "", val_spec)
     loader = build_eval_loader(cfg, recipe.model.img_size, backend.eval_batch_size,
                                rank=backend.rank, world_size=backend.world_size)
@@ -84,7 +88,7 @@ def cmd_predict(args) -> int:
     import torch
 
     from .checkpoints import model_from_checkpoint
-    from .data.transforms import eval_transform, normalize
+    from .data.transforms import eval_resize_size, eval_transform, normalize
 
     model, _ = model_from_checkpoint(args.checkpoint)
     model.eval()
@@ -96,10 +100,12 @@ def cmd_predict(args) -> int:
         if payload and payload.get("recipe"):
             data = payload["recipe"]["data"]
     mean, std = (data["mean"], data["std"]) if data else ([127.5] * 3, [127.5] * 3)
-    resize = data.get("eval_resize", 0) if data else 0
+    resize = eval_resize_size(model.cfg.img_size, data.get("eval_resize", 0), data.get("eval_crop_fraction", 0.0)) \
+        if data else 0
+    interpolation = (data.get("eval_interpolation") or data.get("interpolation", "bilinear")) if data else "bilinear"
     for path in args.images:
         with open(path, "rb") as f:
-            hwc = eval_transform(f.read(), model.cfg.img_size, resize=resize)  # uint8 (H, W, 3)
+            hwc = eval_transform(f.read(), model.cfg.img_size, resize=resize, interpolation=interpolation)
         img = torch.from_numpy(hwc.copy()).permute(2, 0, 1)[None]
         with torch.no_grad():
             probs = model(normalize(img, mean, std)).softmax(-1)[0]
@@ -121,11 +127,33 @@ def _training_payload(path: str):
         return None
 
 
+def recipe_summary(name: str) -> dict:
+    """What ``vit-accel configs --json`` shows of a recipe: provenance, model, eval preprocessing."""
+    from dataclasses import asdict
+
+    r = load_recipe(name)
+    d = r.data
+    return {"description": r.description, "path": str(find_config(name)), "reproduces": asdict(r.reproduces),
+            "model": {"name": r.model.name, "img_size": r.model.img_size, "num_classes": r.model.num_classes},
+            "eval": {"resize": d.eval_resize, "crop_fraction": d.eval_crop_fraction,
+                     "interpolation": d.eval_interpolation or d.interpolation, "mean": d.mean, "std": d.std}}
+
+
 def cmd_configs(args) -> int:
-    items = list_configs()
+    items = {name: recipe_summary(name) for name in list_configs()}
+    if args.json:
+        print(json.dumps(items, indent=2))
+        return 0
+
+    def num(v, fmt="{:.2f}"):
+        return "-" if v is None else fmt.format(v)
+
     width = max((len(k) for k in items), default=10)
-    for name, desc in items.items():
-        print(f"{name:<{width}}  {desc}")
+    print(f"{'recipe':<{width}}  {'source':<12} {'res':>4} {'top-1':>6} {'top-5':>6} {'params M':>9}  published as")
+    for name, it in items.items():
+        rp = it["reproduces"]
+        print(f"{name:<{width}}  {rp['source'] or '-':<12} {rp['resolution'] or it['model']['img_size']:>4} "
+              f"{num(rp['top1']):>6} {num(rp['top5']):>6} {num(rp['params_m']):>9}  {rp['name'] or it['description']}")
     return 0
 
 
@@ -176,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("configs", help="list the recipes")
+    p = sub.add_parser("configs", help="list the recipes with the published numbers they reproduce")
+    p.add_argument("--json", action="store_true", help="every recipe with its reproduces: block, as JSON")
     p.set_defaults(func=cmd_configs)
 
     p = sub.add_parser("report", help="print a run's summary and redraw curves.png")

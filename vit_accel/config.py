@@ -69,6 +69,8 @@ class DataConfig:
     interpolation: str = "bilinear"
     hflip: float = 0.5
     eval_resize: int = 0
+    eval_crop_fraction: float = 0.0       # timm's crop_pct: shorter side to floor(img_size / fraction), 0 = eval_resize
+    eval_interpolation: str = ""          # "" = data.interpolation
     workers: int = 4
     shuffle_buffer: int = 1000
     resampled: bool = False
@@ -189,6 +191,7 @@ class ReproducesConfig:
     top5: Optional[float] = None
     params_m: Optional[float] = None      # published parameters, millions
     flops_g: Optional[float] = None       # published FLOPs (G) as the source counts them
+    params_resolution: int = 0            # resolution the published params/FLOPs belong to (0 = resolution)
     notes: str = ""
 
 
@@ -406,6 +409,13 @@ def validate(r: Recipe, backends: Optional[List[str]] = None) -> None:
     _one_of("reproduces.source", r.reproduces.source, REPRODUCES_SOURCES)
     _one_of("data.source", r.data.source, ("shards", "digits"))
     _one_of("data.interpolation", r.data.interpolation, ("bilinear", "bicubic"))
+    _one_of("data.eval_interpolation", r.data.eval_interpolation, ("", "bilinear", "bicubic"))
+    if not 0.0 <= r.data.eval_crop_fraction <= 1.0:
+        raise ConfigError(f"data.eval_crop_fraction: {r.data.eval_crop_fraction} is outside (0, 1] "
+                          "(0 = use data.eval_resize)")
+    if r.data.eval_crop_fraction and r.data.eval_resize:
+        raise ConfigError(f"data.eval_crop_fraction {r.data.eval_crop_fraction} and data.eval_resize "
+                          f"{r.data.eval_resize} both set the resize before the center crop; keep one")
     _one_of("optim.name", r.optim.name, ("sgd", "adamw"))
     _one_of("optim.loss", r.optim.loss, ("ce", "soft_ce"))
     from .data.augment import check_augment_settings

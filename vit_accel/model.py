@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .hybrid import ResNetStem, stem_channels, stem_counts, stem_stride
+
 # name: (width, depth, heads, mlp_ratio, patch_size)
 VARIANTS: Dict[str, Tuple[int, int, int, float, int]] = {
     "vit-ti16": (192, 12, 3, 4.0, 16),
@@ -26,6 +28,15 @@ VARIANTS: Dict[str, Tuple[int, int, int, float, int]] = {
     "vit-l16": (1024, 24, 16, 4.0, 16),
     "vit-l32": (1024, 24, 16, 4.0, 32),
     "vit-h14": (1280, 32, 16, 4.0, 14),
+    "vit-s16-orig": (768, 8, 8, 3.0, 16),     # timm's first "small" ViT (timm 0.3.x vit_small_patch16_224)
+    "vit-b16-r50": (768, 12, 12, 4.0, 1),      # R50+ViT-B/16: patch 1 on the stride-16 ResNet feature map
+}
+# What a variant needs beyond the five numbers above (applied before the caller's overrides).
+# vit-s16-orig (timm 0.3.2): no qkv bias, a softmax scale of width ** -0.5 (not head_dim ** -0.5; its
+# weights were trained with it), nn.LayerNorm's default eps 1e-5.
+VARIANT_OPTIONS: Dict[str, dict] = {
+    "vit-s16-orig": dict(qkv_bias=False, qk_scale=768 ** -0.5, layer_norm_eps=1e-5),
+    "vit-b16-r50": dict(hybrid_layers=(3, 4, 9)),
 }
 
 ATTN_IMPLS = ("eager", "sdpa", "triton")
@@ -44,6 +55,8 @@ class ViTConfig:
     num_heads: int = 12
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
+    qk_scale: Optional[float] = None      # softmax scale; None = head_dim ** -0.5
+    hybrid_layers: Tuple[int, ...] = ()   # ResNet v2 stem blocks per stage, () = plain patches; R50: (3, 4, 9)
     layer_norm_eps: float = 1e-6
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
@@ -63,8 +76,11 @@ class ViTConfig:
             if not ok:
                 raise ValueError("ViTConfig: " + msg)
 
-        check(self.img_size % self.patch_size == 0,
-              f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        self.hybrid_layers = tuple(int(n) for n in self.hybrid_layers or ())  # JSON gives a list
+        stride = self.patch_size * stem_stride(self.hybrid_layers)
+        check(self.img_size % stride == 0,
+              f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
+              + (f" x the ResNet stem's stride {stem_stride(self.hybrid_layers)}" if self.hybrid_layers else ""))
         check(self.width % self.num_heads == 0,
               f"width {self.width} is not divisible by num_heads {self.num_heads}")
         check(self.global_pool in ("token", "avg"), f"global_pool must be 'token' or 'avg', got {self.global_pool!r}")
@@ -76,7 +92,12 @@ class ViTConfig:
 
     @property
     def grid_size(self) -> int:
-        return self.img_size // self.patch_size
+        return self.img_size // (self.patch_size * stem_stride(self.hybrid_layers))
+
+    @property
+    def embed_in_chans(self) -> int:
+        """Channels the patch projection sees: the image's, or the ResNet stem's feature map's."""
+        return stem_channels(self.hybrid_layers) if self.hybrid_layers else self.in_chans
 
     @property
     def num_patches(self) -> int:
@@ -105,6 +126,7 @@ def vit_config(name: str, **overrides) -> ViTConfig:
         raise ValueError(f"unknown ViT variant {name!r}; known: {', '.join(VARIANTS)}")
     width, depth, heads, mlp_ratio, patch = VARIANTS[name]
     base = dict(width=width, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio, patch_size=patch, name=name)
+    base.update(VARIANT_OPTIONS.get(name, {}))
     known = {f.name for f in fields(ViTConfig)}
     bad = sorted(set(overrides) - known)
     if bad:
@@ -171,15 +193,20 @@ def _use_kernel(x: torch.Tensor) -> bool:
 
 
 class PatchEmbed(nn.Module):
+    """Patches -> tokens; a hybrid first runs the ResNet stem (``backbone``) and patches its feature map."""
+
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.img_size = cfg.img_size
-        self.proj = nn.Conv2d(cfg.in_chans, cfg.width, cfg.patch_size, stride=cfg.patch_size)
+        self.backbone = ResNetStem(cfg.hybrid_layers, cfg.in_chans) if cfg.hybrid_layers else None
+        self.proj = nn.Conv2d(cfg.embed_in_chans, cfg.width, cfg.patch_size, stride=cfg.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         if H != self.img_size or W != self.img_size:
             raise ValueError(f"input is {H}x{W} but the model was built for {self.img_size}x{self.img_size}")
+        if self.backbone is not None:
+            x = self.backbone(x)  # (B, 1024, H / 16, W / 16) for R50
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
 
 
@@ -188,7 +215,9 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.head_dim
-        self.scale = self.head_dim ** -0.5
+        self.scale = cfg.qk_scale or self.head_dim ** -0.5
+        # sdpa scales by head_dim ** -0.5 (torch 2.0 has no scale argument): q carries the rest
+        self.q_factor = None if cfg.qk_scale is None else self.scale * self.head_dim ** 0.5
         self.impl = cfg.attn_impl
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=cfg.qkv_bias)
         self.attn_drop = nn.Dropout(cfg.attn_drop_rate)
@@ -211,13 +240,16 @@ class Attention(nn.Module):
             x = attn @ v
         elif self.impl == "sdpa":
             p = self.attn_drop.p if self.training else 0.0
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            x = F.scaled_dot_product_attention(self._rescale(q), k, v, dropout_p=p)
         elif _use_kernel(q):
             x = self._k.flash_attention(q, k, v, softmax_scale=self.scale)
         else:
-            x = F.scaled_dot_product_attention(q, k, v)
+            x = F.scaled_dot_product_attention(self._rescale(q), k, v)
         x = x.transpose(1, 2).reshape(B, N, D)
         return self.proj_drop(self.proj(x))
+
+    def _rescale(self, q: torch.Tensor) -> torch.Tensor:
+        return q if self.q_factor is None else q * self.q_factor
 
 
 class Mlp(nn.Module):
@@ -348,9 +380,11 @@ class ViT(nn.Module):
 
 
 def count_macs(cfg: ViTConfig) -> int:
-    """Forward multiply-adds per image: patch embedding, blocks, pre-logits and head."""
+    """Forward multiply-adds per image: (ResNet stem,) patch embedding, blocks, pre-logits and head."""
     n, t, d, h = cfg.num_patches, cfg.num_patches + 1, cfg.width, cfg.mlp_hidden
-    patch = n * cfg.in_chans * cfg.patch_size ** 2 * d
+    patch = n * cfg.embed_in_chans * cfg.patch_size ** 2 * d
+    if cfg.hybrid_layers:
+        patch += stem_counts(cfg.hybrid_layers, cfg.in_chans, cfg.img_size)["macs"]
     block = t * d * 3 * d + 2 * t * t * d + t * d * d + 2 * t * d * h
     feat = cfg.representation_size or d
     tail = (d * cfg.representation_size if cfg.representation_size else 0) + feat * cfg.num_classes

@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Sequence
 
 from ..config import ConfigError, Recipe, vit_options
-from ..model import ViTConfig, vit_config
+from ..hybrid import stem_counts
+from ..model import ViTConfig, count_macs, vit_config
 
 # GC200 (IPU-M2000 / Bow-2000) In-Processor Memory per IPU: the budget the estimates compare to.
 IPU_MEMORY_BYTES = 900 * 10 ** 6
@@ -169,7 +170,8 @@ def plan_from_layers(layers: Sequence[int], depth: int, num_devices: int, recomp
 def module_params(cfg: ViTConfig) -> Dict[str, int]:
     """Parameters per plan module, counted analytically (no model is built)."""
     d, h = cfg.width, cfg.mlp_hidden
-    out = {"patch_embed": cfg.in_chans * cfg.patch_size ** 2 * d + d + d + (1 + cfg.num_patches) * d}
+    out = {"patch_embed": cfg.embed_in_chans * cfg.patch_size ** 2 * d + d + d + (1 + cfg.num_patches) * d
+           + _stem(cfg)["params"]}
     block = (3 * d * d + (3 * d if cfg.qkv_bias else 0)) + (d * d + d) + (d * h + h) + (h * d + d) + 4 * d
     for i in range(cfg.depth):
         out[f"blocks.{i}"] = block
@@ -183,7 +185,7 @@ def module_params(cfg: ViTConfig) -> Dict[str, int]:
 def module_macs(cfg: ViTConfig) -> Dict[str, int]:
     """Forward multiply-adds per image per plan module (they sum to ``model.count_macs``)."""
     n, t, d, h = cfg.num_patches, cfg.num_patches + 1, cfg.width, cfg.mlp_hidden
-    out = {"patch_embed": n * cfg.in_chans * cfg.patch_size ** 2 * d}
+    out = {"patch_embed": n * cfg.embed_in_chans * cfg.patch_size ** 2 * d + _stem(cfg)["macs"]}
     block = t * d * 3 * d + 2 * t * t * d + t * d * d + 2 * t * d * h
     for i in range(cfg.depth):
         out[f"blocks.{i}"] = block
@@ -191,6 +193,11 @@ def module_macs(cfg: ViTConfig) -> Dict[str, int]:
     feat = cfg.representation_size or d
     out["head"] = (d * cfg.representation_size if cfg.representation_size else 0) + feat * cfg.num_classes
     return out
+
+
+def _stem(cfg: ViTConfig) -> Dict[str, int]:
+    """The hybrid's ResNet stem (part of the patch_embed module, so always on the first stage)."""
+    return stem_counts(cfg.hybrid_layers, cfg.in_chans, cfg.img_size) if cfg.hybrid_layers else {"params": 0, "macs": 0}
 
 
 def block_activation_elems(cfg: ViTConfig) -> int:
@@ -409,7 +416,14 @@ def gpu_cost_model(recipe: Recipe, n_stages: int) -> CostModel:
 # ---------------------------------------------------------------------------------------
 
 def plan_report(recipe: Recipe, backend: str = "ipu") -> Dict[str, Any]:
+    """Everything ``vit-accel plan --json`` prints, as one flat dict (sections nest, keys get added)."""
     cfg = model_config(recipe)
+    rep: Dict[str, Any] = {
+        "recipe": recipe.name, "backend": backend, "model": cfg.name, "img_size": cfg.img_size,
+        "params": sum(module_params(cfg).values()), "tokens_per_image": cfg.num_patches + 1,
+        "flops_per_image": 2 * count_macs(cfg), "hybrid_stem": list(cfg.hybrid_layers), "warnings": []}
+    if backend == "cpu":  # one process runs the whole model: no stages to plan
+        return rep
     if backend == "ipu":
         plan = build_plan(recipe)
         cm = ipu_cost_model(recipe)
@@ -417,15 +431,14 @@ def plan_report(recipe: Recipe, backend: str = "ipu") -> Dict[str, Any]:
         plan = build_gpu_plan(recipe)
         cm = gpu_cost_model(recipe, plan.num_stages)
     ests = estimate_plan(plan, cfg, cm)
-    total_params = sum(module_params(cfg).values())
-    rep: Dict[str, Any] = {
-        "recipe": recipe.name, "backend": backend, "model": cfg.name, "params": total_params,
+    rep.update({
         "plan": plan.to_dict(), "estimates": [asdict(e) for e in ests],
         "imbalance": {"memory": imbalance([e.total_bytes for e in ests]),
                       "flops": imbalance([e.gflop_per_micro_batch for e in ests]),
                       "params": imbalance([e.params for e in ests])},
-        "warnings": [],
-    }
+    })
+    if cfg.hybrid_layers:  # the stem belongs to patch_embed, which every plan puts on the first stage
+        rep["stem_stage"] = plan.stage_of_module("patch_embed").index
     if backend == "ipu":
         ipu = recipe.ipu
         step = ipu.micro_batch_size * ipu.gradient_accumulation * ipu.replicas
@@ -456,10 +469,15 @@ def plan_report(recipe: Recipe, backend: str = "ipu") -> Dict[str, Any]:
 
 
 def format_report(rep: Dict[str, Any]) -> str:
+    head = (f"{rep['recipe']}: {rep['model']} at {rep['img_size']} px, {rep['params']:,} parameters, "
+            f"{rep['tokens_per_image']} tokens per image, {rep['flops_per_image'] / 1e9:,.2f} GFLOP per image "
+            f"forward (analytic, 2 per multiply-add)")
+    if rep["backend"] == "cpu":
+        return head + "\nbackend cpu: one process runs the whole model (no pipeline stages)"
     plan, ests = rep["plan"], rep["estimates"]
     dev = "ipu" if rep["backend"] == "ipu" else "rank"
     lines = [f"{rep['recipe']}: {rep['model']}, {rep['params']:,} parameters, {len(plan['stages'])} stages "
-             f"(from {plan['source']}), backend {rep['backend']}",
+             f"(from {plan['source']}), backend {rep['backend']}", head,
              "",
              f"stage {dev:>4}  {'starts at':<12} {'blocks':<7} {'norm/head':<9} {'params':>12} "
              f"{'weights':>8} {'optim':>8} {'activ.':>8} {'total':>8}  {'GFLOP/mb':>9}",
@@ -494,6 +512,8 @@ def format_report(rep: Dict[str, Any]) -> str:
                   f"{b['micro_batch_size']:,} per step; schedule {b['schedule']}; {b['ranks']} ranks (one stage "
                   f"each)",
                   "memory: fp32 weights + gradients + optimizer state, activations at the micro-batch"]
+    if "stem_stage" in rep:
+        lines.append(f"ResNet stem {rep['hybrid_stem']}: on stage {rep['stem_stage']} with patch_embed")
     lines += [f"warning: {w}" for w in rep["warnings"]]
     return "\n".join(lines)
 
@@ -503,7 +523,8 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("plan", help="print the pipeline stage plan of a recipe (no device needed)",
                               description="Print stages (blocks per device), parameters, estimated memory "
                                           "and FLOPs per device, imbalance and the batch arithmetic.")
-    p.add_argument("--backend", choices=("ipu", "gpu"), default="ipu")
+    p.add_argument("--backend", choices=("ipu", "gpu", "cpu"), default="ipu",
+                   help="whose terms: IPU pipeline stages, GPU pipelining ranks, or the CPU's single process")
     p.add_argument("--config", default="vit-b16-ft", help="recipe name or YAML path")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a recipe value (repeatable)")

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import VARIANTS, ViT, ViTConfig
+from ..hybrid import stem_stride
+from ..model import VARIANT_OPTIONS, VARIANTS, ViT, ViTConfig
 from .files import CheckpointError, Source, read
 from .formats import FORMATS, MMCLS, rename, timm_to_hf
 from .npz import timm_to_npz
@@ -127,6 +128,7 @@ def _fit(model: ViT, src: Source, strict_shapes: bool) -> LoadReport:
             tuple(pos.shape), tuple(new.shape), math.isqrt(pos.shape[1] - 1), math.isqrt(pos.shape[1] - 1),
             cfg.grid_size, cfg.grid_size))
         sd["pos_embed"] = new
+    _refuse(src.path, sorted(k for k in sd if k not in own), "has", "that a %s model does not have" % src.format)
     bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items() if k in own and v.shape != own[k].shape]
     if bad and strict_shapes:
         raise CheckpointError("%s does not fit the model (%d tensors): %s" % (
@@ -139,10 +141,12 @@ def _fit(model: ViT, src: Source, strict_shapes: bool) -> LoadReport:
     if not fit:
         raise CheckpointError("%s: none of its %d tensors matches a vit-accel ViT as format %r (first keys: %s)"
                               % (src.path, len(src.tensors), src.format, ", ".join(list(src.tensors)[:5])))
-    model.load_state_dict(fit, strict=False)
-    rep.loaded = len(fit)
     rep.missing = sorted(k for k in own if k not in fit and k not in dropped)
     rep.unexpected = sorted(k for k in sd if k not in own)
+    optional = ("head.", "pre_logits.") + (("fc_norm.", "norm.") if ck_fc != md_fc else ())
+    _refuse(src.path, [k for k in rep.missing if not k.startswith(optional)], "lacks", "the model needs")
+    model.load_state_dict(fit, strict=False)
+    rep.loaded = len(fit)
     vc = src.hints.get("vit_config") or {}
     eps = src.hints.get("layer_norm_eps", vc.get("layer_norm_eps"))
     if eps is not None and not math.isclose(eps, cfg.layer_norm_eps, rel_tol=1e-6):
@@ -153,6 +157,26 @@ def _fit(model: ViT, src: Source, strict_shapes: bool) -> LoadReport:
         if want is not None and want != getattr(cfg, name):
             rep.notes.append("warning: the checkpoint's %s is %r, the model's %r" % (name, want, getattr(cfg, name)))
     return rep
+
+
+def _names(keys: List[str], limit: int = 6) -> str:
+    """``a, b, c (+N more)``; runs of one module collapse to its prefix (``patch_embed.backbone.*: 156``)."""
+    groups: Dict[str, int] = {}
+    for k in keys:
+        parts = k.split(".")
+        head = ".".join(parts[:2]) if parts[0] in ("patch_embed", "blocks") and len(parts) > 2 else k
+        groups[head] = groups.get(head, 0) + 1
+    items = ["%s.* (%d tensors)" % (g, n) if n > 1 else (g if g in keys else g + ".*") for g, n in groups.items()]
+    return ", ".join(items[:limit]) + (" (+%d more)" % (len(items) - limit) if len(items) > limit else "")
+
+
+def _refuse(path: str, keys: List[str], verb: str, which: str) -> None:
+    """A file with tensors the model cannot use, or without ones it needs, describes another model:
+    refuse it rather than run with random parts (heads and pre-logits may be absent; they are reported)."""
+    if keys:
+        raise CheckpointError("%s: %s %d tensors %s: %s; the file describes another model (build that one from the "
+                              "file: model_from_checkpoint, or see vit-accel inspect)"
+                              % (path, verb, len(keys), which, _names(keys)))
 
 
 def load_pretrained(model: ViT, path: str, format: str = "auto", strict_shapes: bool = True) -> LoadReport:
@@ -173,6 +197,9 @@ def _infer(src: Source, overrides: Dict[str, Any]) -> ViTConfig:
     if "patch_embed.proj.weight" not in sd:
         raise CheckpointError("%s: no patch embedding found; cannot infer the model shape" % src.path)
     width, in_chans, patch = sd["patch_embed.proj.weight"].shape[:3]
+    hybrid = _hybrid_layers(sd)
+    if hybrid:  # the projection patches the ResNet feature map; the image enters the stem conv
+        in_chans = sd[_STEM_CONV].shape[1]
     depth = 1 + max([int(m.group(1)) for m in map(re.compile(r"blocks\.(\d+)\.").match, sd) if m] or [-1])
     if "pos_embed" not in sd and "img_size" not in overrides:
         raise CheckpointError("%s: no pos_embed; cannot infer the image size, pass img_size=" % src.path)
@@ -180,7 +207,8 @@ def _infer(src: Source, overrides: Dict[str, Any]) -> ViTConfig:
     if math.isqrt(tokens - 1) ** 2 != tokens - 1 and "img_size" not in overrides:
         raise CheckpointError("%s: pos_embed has %d tokens, not a class token + a square grid; pass img_size="
                               % (src.path, tokens))
-    c = dict(width=width, in_chans=in_chans, patch_size=patch, depth=depth, img_size=math.isqrt(tokens - 1) * patch,
+    c = dict(width=width, in_chans=in_chans, patch_size=patch, depth=depth, hybrid_layers=hybrid,
+             img_size=math.isqrt(tokens - 1) * patch * stem_stride(hybrid),
              num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
              representation_size=sd["pre_logits.fc.weight"].shape[0] if "pre_logits.fc.weight" in sd else None,
              qkv_bias="blocks.0.attn.qkv.bias" in sd)
@@ -193,6 +221,10 @@ def _infer(src: Source, overrides: Dict[str, Any]) -> ViTConfig:
             c[k] = src.hints[k]
     c.update(vc)
     c.update(overrides)
+    if not c.get("num_heads"):  # a variant of the same shape and kind knows its heads (vit-s16-orig: 8)
+        shape = (c["width"], c["depth"], c.get("mlp_ratio", 4.0), c["patch_size"])
+        c["num_heads"] = next((v[2] for n, v in VARIANTS.items()
+                               if (v[0], v[1], v[3], v[4]) == shape and _same_kind(n, c)), None)
     if not c.get("num_heads"):
         if width not in HEADS_BY_WIDTH:
             raise CheckpointError("%s: a %s checkpoint does not record its attention heads and width %d is not "
@@ -201,8 +233,34 @@ def _infer(src: Source, overrides: Dict[str, Any]) -> ViTConfig:
         c["num_heads"] = HEADS_BY_WIDTH[width]
     if "name" not in overrides:
         key = (c["width"], c["depth"], c["num_heads"], c.get("mlp_ratio", 4.0), c["patch_size"])
-        c["name"] = next((n for n, v in VARIANTS.items() if v == key), "custom")
+        c["name"] = next((n for n, v in VARIANTS.items() if v == key and _same_kind(n, c)), "custom")
+        # what the tensors cannot show (timm's first small ViT: its softmax scale and LayerNorm eps)
+        for k, v in VARIANT_OPTIONS.get(c["name"], {}).items():
+            if k not in overrides and k not in vc and not (k == "layer_norm_eps" and "layer_norm_eps" in src.hints):
+                c[k] = v
     return ViTConfig(**c)
+
+
+_STEM_CONV = "patch_embed.backbone.stem.conv.weight"
+
+
+def _hybrid_layers(sd: Dict[str, torch.Tensor]) -> Tuple[int, ...]:
+    """Blocks per stage of a hybrid's ResNet stem, from timm's names; () for a plain ViT."""
+    if _STEM_CONV not in sd:
+        return ()
+    rx = re.compile(r"patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\.")
+    blocks: Dict[int, int] = {}
+    for m in filter(None, map(rx.match, sd)):
+        i, j = int(m.group(1)), int(m.group(2))
+        blocks[i] = max(blocks.get(i, 0), j + 1)
+    return tuple(blocks[i] for i in sorted(blocks))
+
+
+def _same_kind(name: str, c: Dict[str, Any]) -> bool:
+    """A variant matches only with its own stem and qkv-bias layout (the numbers alone can coincide)."""
+    opts = VARIANT_OPTIONS.get(name, {})
+    return tuple(opts.get("hybrid_layers", ())) == tuple(c["hybrid_layers"]) and \
+        opts.get("qkv_bias", True) == c["qkv_bias"]
 
 
 def config_from_checkpoint(path: str, format: str = "auto", **overrides) -> ViTConfig:
@@ -233,6 +291,8 @@ def save_checkpoint(model: ViT, path: str, format: str = "vit-accel") -> str:
     if format in ("hf", "mmcls") and cfg.global_pool != "token":
         raise CheckpointError("%s ViTs classify the class token; a global_pool=%r model has no equivalent"
                               % (format, cfg.global_pool))
+    if format in ("hf", "mmcls") and cfg.hybrid_layers:
+        raise CheckpointError("%s ViTs have no ResNet stem; save a hybrid as timm, npz or vit-accel" % format)
     if format in ("hf", "mmcls", "npz") and cfg.fc_norm:
         raise CheckpointError("%s ViTs have no LayerNorm after pooling (fc_norm); save as timm or vit-accel"
                               % format)
@@ -305,7 +365,8 @@ def inspect_checkpoint(path: str, format: str = "auto", **overrides) -> Dict[str
     except (RuntimeError, NotImplementedError):  # an init op with no meta kernel in an older torch
         params = ViT(cfg).num_params()
     return {"path": os.fspath(path), "format": src.format, "variant": cfg.name, "img_size": cfg.img_size,
-            "patch_size": cfg.patch_size, "width": cfg.width, "depth": cfg.depth, "num_heads": cfg.num_heads,
+            "patch_size": cfg.patch_size, "hybrid_layers": list(cfg.hybrid_layers), "qk_scale": cfg.qk_scale,
+            "width": cfg.width, "depth": cfg.depth, "num_heads": cfg.num_heads,
             "num_classes": cfg.num_classes, "representation_size": cfg.representation_size,
             "layer_norm_eps": cfg.layer_norm_eps, "parameters": params}
 

@@ -77,7 +77,8 @@ def _strip(sd: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
 
 def mmcls_to_timm(sd):
     """A full classifier (``backbone.``/``head.``) or a backbone-only state dict -> timm names."""
-    sd = _strip(sd, "module.")
+    # mmpretrain 1.x saves its normalization constants beside the weights: not part of the model
+    sd = {k: v for k, v in _strip(sd, "module.").items() if not k.startswith("data_preprocessor.")}
     if not any(k.startswith(("backbone.", "head.")) for k in sd):  # a backbone-only file
         sd = {"backbone." + k: v for k, v in sd.items()}
     return rename(sd, MMCLS, to_timm=True)

@@ -4,7 +4,8 @@ Reads the naming of google-research/vision_transformer (``vit_jax``: ``encoderbl
 ``MultiHeadDotProductAttention_1``, ``LayerNorm_0/2``, ``MlpBlock_3``, ``posembed_input``) and of
 big_vision (``MultiHeadDotProductAttention_0``, ``LayerNorm_0/1``, ``MlpBlock_0``, a root
 ``pos_embedding`` without a class-token slot, optionally one scanned ``encoderblock`` whose arrays
-carry the depth as a leading axis). Writes the ``vit_jax`` naming. Flax stores a Dense kernel as
+carry the depth as a leading axis), and the R50 stem of the hybrid (``conv_root``, ``gn_root``,
+``blockN/unitM/{conv,gn}{1,2,3}``, ``conv_proj``/``gn_proj``). Writes the ``vit_jax`` naming. Flax stores a Dense kernel as
 (in, out), attention kernels split per head ((D, heads, hd) for q/k/v, (heads, hd, D) for the
 output) and a Conv kernel as HWIO; torch wants (out, in) and OIHW.
 Python 3.8 / torch 2.0 compatible.
@@ -69,6 +70,7 @@ def npz_to_timm(arrays: Mapping[str, np.ndarray]) -> Tuple[Dict[str, torch.Tenso
         put(dst + ".weight", get(src + "/kernel"), lambda a: a.T)
         put(dst + ".bias", get(src + "/bias"))
 
+    _stem_to_timm(w, get, put)
     scanned = "Transformer/encoderblock/LayerNorm_0/scale" in w
     big_vision = any("MultiHeadDotProductAttention_0" in k for k in w)
     mha, ln2, mlp = ("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0") if big_vision else \
@@ -104,6 +106,41 @@ def npz_to_timm(arrays: Mapping[str, np.ndarray]) -> Tuple[Dict[str, torch.Tenso
     return out, hints, notes
 
 
+# The hybrid's ResNet stem (vit_jax models_resnet): timm name under patch_embed.backbone. <-> Google name
+_STEM = "patch_embed.backbone."
+
+
+def _stem_names(w_or_sd, google: bool) -> List[Tuple[str, str]]:
+    """(timm key, Google key) pairs of every stem tensor present, read off whichever side is given."""
+    if ("conv_root/kernel" if google else _STEM + "stem.conv.weight") not in w_or_sd:
+        return []
+    pairs = [("stem.conv.weight", "conv_root/kernel"), ("stem.norm.weight", "gn_root/scale"),
+             ("stem.norm.bias", "gn_root/bias")]
+    i = 0
+    while ("block%d/unit1/conv1/kernel" % (i + 1)) in w_or_sd if google else \
+            (_STEM + "stages.%d.blocks.0.conv1.weight" % i) in w_or_sd:
+        j = 0
+        while ("block%d/unit%d/conv1/kernel" % (i + 1, j + 1)) in w_or_sd if google else \
+                (_STEM + "stages.%d.blocks.%d.conv1.weight" % (i, j)) in w_or_sd:
+            t, g = "stages.%d.blocks.%d." % (i, j), "block%d/unit%d/" % (i + 1, j + 1)
+            for r in (1, 2, 3):
+                pairs += [(t + "conv%d.weight" % r, g + "conv%d/kernel" % r), (t + "norm%d.weight" % r, g + "gn%d/scale" % r),
+                          (t + "norm%d.bias" % r, g + "gn%d/bias" % r)]
+            if j == 0:
+                pairs += [(t + "downsample.conv.weight", g + "conv_proj/kernel"),
+                          (t + "downsample.norm.weight", g + "gn_proj/scale"), (t + "downsample.norm.bias", g + "gn_proj/bias")]
+            j += 1
+        i += 1
+    return [(_STEM + t, g) for t, g in pairs]
+
+
+def _stem_to_timm(w, get, put) -> None:
+    for t, g in _stem_names(w, google=True):
+        a = get(g)
+        if a is not None:  # conv kernels HWIO -> OIHW; GroupNorm parameters may be stored as (1, 1, 1, C)
+            put(t, a, (lambda a: a.transpose(3, 2, 0, 1)) if g.endswith("kernel") else (lambda a: a.reshape(-1)))
+
+
 def timm_to_npz(sd: Mapping[str, torch.Tensor], num_heads: int, config: Optional[dict] = None) -> Dict[str, np.ndarray]:
     """timm-keyed state dict -> arrays in vit_jax naming (plus our config, when given)."""
     def n(key: str) -> np.ndarray:
@@ -120,6 +157,8 @@ def timm_to_npz(sd: Mapping[str, torch.Tensor], num_heads: int, config: Optional
         "Transformer/encoder_norm/scale": n("norm.weight"),
         "Transformer/encoder_norm/bias": n("norm.bias"),
     }
+    for t, g in _stem_names(sd, google=False):
+        a[g] = n(t).transpose(2, 3, 1, 0) if g.endswith("kernel") else n(t)
     for dst, src in (("pre_logits", "pre_logits.fc"), ("head", "head")):
         if src + ".weight" in sd:
             a[dst + "/kernel"] = n(src + ".weight").T

@@ -44,7 +44,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .augment import SampleAugment
 from .reader import (IMAGE_KEYS, DataError, Record, ResumeMismatch, ShardList, check_local_shards, plan_streams,
                      resampled_shards, resolve_shards, samples_per_stream, stream_records)
-from .transforms import DecodeError, eval_transform, resample_filter, resolve_decoder, train_transform
+from .transforms import (DecodeError, eval_resize_size, eval_transform, resample_filter, resolve_decoder,
+                         train_transform)
 
 BAD_SAMPLE_GRACE = 10
 _MAX_EXAMPLES = 20
@@ -506,5 +507,6 @@ def build_eval_loader(cfg: Any, img_size: int, batch_size: int, rank: int = 0, w
                       return_keys: bool = False) -> EvalLoader:
     """The validation loader: each sample once across ranks, resize shorter side + center crop."""
     return EvalLoader(_shards_for(cfg, "val"), img_size, batch_size, rank=rank, world_size=world_size,
-                      workers=cfg.workers, resize=cfg.eval_resize, interpolation=cfg.interpolation,
+                      workers=cfg.workers, resize=eval_resize_size(img_size, cfg.eval_resize, getattr(cfg, "eval_crop_fraction", 0.0)),
+                      interpolation=getattr(cfg, "eval_interpolation", "") or cfg.interpolation,
                       decoder=cfg.decoder, max_bad_fraction=cfg.max_bad_fraction, return_keys=return_keys)

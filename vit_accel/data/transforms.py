@@ -159,6 +159,13 @@ def train_transform(data: bytes, img_size: int, rng: random.Random, scale: Seque
     return augment(img, rng) if augment is not None else np.asarray(img)
 
 
+def eval_resize_size(img_size: int, resize: int = 0, crop_fraction: float = 0.0) -> int:
+    """The shorter side before the center crop: ``resize``, or timm's ``floor(img_size / crop_pct)``."""
+    if crop_fraction:
+        return int(math.floor(img_size / crop_fraction))
+    return resize or img_size
+
+
 def eval_transform(data: bytes, img_size: int, resize: int = 0, interpolation: str = "bilinear",
                    decoder: str = "pil") -> np.ndarray:
     """Encoded bytes -> uint8 (img_size, img_size, 3): shorter side to `resize` (0: img_size), center crop."""
