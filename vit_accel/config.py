@@ -76,6 +76,12 @@ class DataConfig:
     mixup: float = 0.0
     cutmix: float = 0.0
     decoder: str = "auto"
+    # augmentation keys (shared with the augmentation pipeline)
+    auto_augment: str = ""                # "" or "imagenet" (torchvision AutoAugment ImageNet policy)
+    rand_augment: str = ""                # "" or a timm RandAugment string ("rand-m9-mstd0.5-inc1")
+    random_erasing: float = 0.0           # probability (0 = off)
+    mix_prob: float = 1.0                 # probability that a batch is mixed
+    mix_switch_prob: float = 0.5          # probability of cutmix when mixup and cutmix are both on
 
 
 @dataclass
@@ -91,6 +97,8 @@ class OptimConfig:
     eps: float = 1e-8
     label_smoothing: float = 0.0
     clip_grad_norm: float = 0.0           # 0 = no clipping
+    loss: str = "ce"                      # "ce" or "soft_ce" (shared with the augmentation pipeline)
+    layer_decay: float = 0.0              # layer-wise lr decay: lr x decay^(depth + 1 - layer) (0 or 1 = off)
 
 
 @dataclass
@@ -98,8 +106,11 @@ class ScheduleConfig:
     total_steps: int = 5000
     warmup_steps: int = 800
     warmup_start_factor: float = 0.02     # lr at step 0 = factor x lr
-    kind: str = "cosine"                  # "cosine" or "constant" after warm-up
+    kind: str = "cosine"                  # a name of engine/schedule.py SCHEDULES (each source's own formula)
     min_lr: float = 0.0
+    epochs: float = 0.0                   # run length in epochs instead of total_steps (0 = use total_steps)
+    warmup_epochs: float = 0.0            # warm-up in epochs instead of warmup_steps
+    warmup_fraction: float = 0.0          # warm-up as a fraction of the run (ClassyVision's composite lengths)
 
 
 @dataclass
@@ -111,6 +122,7 @@ class TrainConfig:
     checkpoint_every: int = 1000          # 0 = only at the end
     keep_checkpoints: int = 2
     eval_batch_size: int = 0              # 0 = the micro-batch size
+    ema_momentum: float = 0.0             # model EMA, mmengine's momentum: ema = (1 - m) ema + m w (0 = off)
 
 
 @dataclass
@@ -401,7 +413,6 @@ def validate(r: Recipe, backends: Optional[List[str]] = None) -> None:
     _one_of("data.source", r.data.source, ("shards", "digits"))
     _one_of("data.interpolation", r.data.interpolation, ("bilinear", "bicubic"))
     _one_of("optim.name", r.optim.name, ("sgd", "adamw"))
-    _one_of("schedule.kind", r.schedule.kind, ("cosine", "constant"))
     _one_of("cpu.precision", r.cpu.precision, ("fp32", "bf16"))
     _one_of("gpu.precision", r.gpu.precision, ("bf16", "fp16", "fp32"))
     for k in ("attn_impl",):
@@ -414,8 +425,9 @@ def validate(r: Recipe, backends: Optional[List[str]] = None) -> None:
         pass  # allowed at load time (eval-only, plan); the trainer asks for it when it needs data
     if len(r.data.mean) != 3 or len(r.data.std) != 3:
         raise ConfigError("data.mean and data.std need 3 values (RGB)")
-    if r.schedule.total_steps <= 0 or r.schedule.warmup_steps < 0:
-        raise ConfigError("schedule.total_steps must be positive and schedule.warmup_steps >= 0")
+    from .engine.schedule import check_schedule
+
+    check_schedule(r.schedule)
     g = r.train.global_batch_size
     if g <= 0:
         raise ConfigError("train.global_batch_size must be positive")
