@@ -130,12 +130,11 @@ class Schedule:
         return [self.lr(s) for s in range(self.total_steps)]
 
     def describe(self) -> str:
-        parts = [f"{self.kind}: {self.total_steps:,} optimizer steps"]
+        text = f"{self.kind}: {self.total_steps:,} optimizer steps"
         if self.steps_per_epoch:
-            parts.append(f"({self.epochs:g} epochs x {self.steps_per_epoch:,} steps; steps per epoch = ceil("
-                         f"{self.train_samples:,} samples / global batch {self.global_batch_size:,}))")
-        parts.append(f"warm-up {self.warmup_steps:,} steps, lr {self.base_lr:g} (min {self.min_lr:g})")
-        return ", ".join(parts)
+            text += (f" ({self.epochs:g} epochs x {self.steps_per_epoch:,} steps; steps per epoch = ceil("
+                     f"{self.train_samples:,} samples / global batch {self.global_batch_size:,}))")
+        return text + f", warm-up {self.warmup_steps:,} steps, lr {self.base_lr:g} (min {self.min_lr:g})"
 
 
 def _cosine(s: Schedule, step: int) -> float:
@@ -306,9 +305,19 @@ def plot_lr(plan: Dict[str, Any], path: str, title: str = "") -> str:
         ax.legend(loc="upper right")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("learning rate")
-    ax.set_title(title or plan["summary"], fontsize=8)
+    ax.set_title(f"{title + ': ' if title else ''}{plan['kind']}, {plan['optimizer_steps']:,} optimizer steps",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def format_schedule(plan: Dict[str, Any]) -> str:
+    """Three lines for `vit-accel plan`: the schedule, the batch arithmetic, the rate's landmarks."""
+    lr, w = plan["lr"], plan["warmup_steps"]
+    return "\n".join([f"schedule: {plan['summary']}",
+                      f"batch ({plan['batch']['backend']}): {plan['batch']['text']}",
+                      f"lr: step 0 {lr[0]:.4g}, end of warm-up (step {w}) {lr[w]:.4g}, peak {plan['peak_lr']:.4g}, "
+                      f"last step {len(lr) - 1} {lr[-1]:.4g}"])
