@@ -2,9 +2,10 @@
 
 Weight decay: each source names what it exempts (``optim.no_decay`` by parameter name,
 ``optim.no_decay_1d`` for every bias, norm weight and other 1-D tensor). Layer-wise learning-rate
-decay (``optim.layer_decay``, fine-tuning) numbers the layers as timm and mmpretrain do: the
-embeddings (``patch_embed``, ``cls_token``, ``pos_embed``) 0, block i i + 1, everything after
-the blocks depth + 1; a group's rate is ``lr x layer_decay ** (depth + 1 - layer)``, kept as its
+decay (``optim.layer_decay``, fine-tuning) numbers the layers as mmpretrain's ``get_layer_depth``
+and MAE/BEiT do: the embeddings (``patch_embed``, ``cls_token``, ``pos_embed``) 0, block i i + 1,
+everything after the blocks (final norm, head) depth + 1 (timm puts the final norm with the last
+block; otherwise its groups are these); a group's rate is ``lr x layer_decay ** (depth + 1 - layer)``, kept as its
 ``lr_scale`` and applied by :func:`set_lr`.
 """
 from __future__ import annotations
