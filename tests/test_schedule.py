@@ -223,3 +223,34 @@ def test_warm_up_longer_than_the_data_allows_shows_the_arithmetic():
         build_schedule(r.schedule, r.optim.lr, r.train.global_batch_size, train_samples=1437)
     with pytest.raises(ConfigError, match="need the number of training samples.*--train-samples"):
         build_schedule(r.schedule, r.optim.lr, r.train.global_batch_size)
+
+
+# ---------------------------------------------------------------------------------------
+# vit-accel plan
+# ---------------------------------------------------------------------------------------
+
+def test_plan_shows_batch_arithmetic_steps_and_the_rate_at_every_step(tmp_path, capsys):
+    import json
+
+    from vit_accel.cli import main
+
+    png = tmp_path / "lr.png"
+    assert main(["plan", "--backend", "gpu", "--config", "vit-b16-scratch", "--world-size", "8",
+                 "--train-samples", str(IMAGENET), "--json", "--lr-plot", str(png)]) == 0
+    s = json.loads(capsys.readouterr().out)["schedule"]
+    assert s["batch"]["text"] == "micro-batch 128 x accumulation 4 x world size 8 = global batch 4,096"
+    assert (s["optimizer_steps"], s["steps_per_epoch"], s["warmup_steps"], s["train_samples"]) == (
+        93_900, 313, 6260, IMAGENET)
+    r = load_recipe("vit-b16-scratch")
+    assert s["lr"] == build_schedule(r.schedule, r.optim.lr, 4096, IMAGENET).lrs()
+    assert png.stat().st_size > 10_000
+
+    assert main(["plan", "--backend", "gpu", "--config", "vit-b16-ft", "--world-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "schedule: mmcv_cosine: 5,000 optimizer steps, warm-up 800 steps, lr 0.08" in out
+    assert "micro-batch 136 x accumulation 4 x world size 4 = global batch 2,176" in out
+
+    assert main(["plan", "--backend", "gpu", "--config", "vit-b16-ft", "--world-size", "3"]) == 2
+    assert "micro_batch_size 136 x world size 3 = 408" in capsys.readouterr().err
+    assert main(["plan", "--backend", "gpu", "--config", "vit-b16-classy"]) == 2
+    assert "--train-samples" in capsys.readouterr().err
