@@ -165,3 +165,16 @@ def test_classyvision_head_has_a_lecun_normal_tanh_pre_logits_layer():
     x = torch.randn(2, 3, 32, 32)
     feats = model.forward_features(x)[:, 0]
     torch.testing.assert_close(model(x), model.head(torch.tanh(fc(feats))))
+
+
+def test_optimizer_settings_per_recipe():
+    model = create_vit("vit-ti16", **TINY)
+    mmp = build_optimizer(model, load_recipe("vit-b16-scratch").optim)
+    assert isinstance(mmp, torch.optim.AdamW)
+    assert (mmp.defaults["betas"], mmp.defaults["eps"], mmp.defaults["weight_decay"]) == ((0.9, 0.95), 1e-8, 0.3)
+    assert mmp.param_groups[0]["lr"] == pytest.approx(1e-4 * 4096 / 256)
+    classy = build_optimizer(model, load_recipe("vit-l16-classy").optim)
+    assert (classy.defaults["betas"], classy.defaults["eps"], classy.defaults["lr"]) == ((0.9, 0.999), 1e-8, 0.003)
+    ft = build_optimizer(model, load_recipe("vit-b16-classy-ft-384").optim)
+    assert isinstance(ft, torch.optim.SGD)
+    assert (ft.defaults["nesterov"], ft.defaults["momentum"], ft.defaults["weight_decay"]) == (True, 0.9, 0.0)
