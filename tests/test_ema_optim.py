@@ -178,3 +178,20 @@ def test_optimizer_settings_per_recipe():
     ft = build_optimizer(model, load_recipe("vit-b16-classy-ft-384").optim)
     assert isinstance(ft, torch.optim.SGD)
     assert (ft.defaults["nesterov"], ft.defaults["momentum"], ft.defaults["weight_decay"]) == (True, 0.9, 0.0)
+
+
+def test_eval_ema_needs_a_checkpoint_with_an_ema(tmp_path):
+    from vit_accel.engine.ema import load_ema_weights
+
+    model = create_vit("vit-ti16", **TINY)
+    path = tmp_path / "step.pt"
+    torch.save({"format": "vit-accel-train", "model": model.state_dict()}, path)
+    with pytest.raises(ConfigError, match="holds no EMA weights.*evaluate without --ema"):
+        load_ema_weights(model, str(path))
+    ema = ModelEMA(0.5, dict(model.named_parameters()))
+    ema.update({n: p + 1 for n, p in model.named_parameters()})
+    torch.save({"format": "vit-accel-train", "model": model.state_dict(), "ema": ema.state_dict()}, path)
+    assert load_ema_weights(model, str(path)) == 1
+    assert torch.equal(model.pos_embed, ema.params["pos_embed"])
+    with pytest.raises(ConfigError, match="do not fit this model"):
+        load_ema_weights(create_vit("vit-ti16", **dict(TINY, img_size=64)), str(path))

@@ -32,7 +32,7 @@ def test_every_training_row_of_table_b_has_a_recipe():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TRAINING_RECIPES)
-def test_recipe_runs_at_toy_scale_with_ema_and_layer_decay(name, tmp_path, tmp_path_factory, monkeypatch):
+def test_recipe_runs_at_toy_scale_with_ema_and_layer_decay(name, tmp_path, tmp_path_factory, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     root = str(tmp_path_factory.getbasetemp() / "digits")
     toy = [f"data.root={root}", "data.source=digits", "model.name=vit-ti16", "model.depth=1", "model.img_size=32",
@@ -55,3 +55,14 @@ def test_recipe_runs_at_toy_scale_with_ema_and_layer_decay(name, tmp_path, tmp_p
     logged = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in logged if r["kind"] == "train"]
     assert lrs == pytest.approx([sched.lr(s) for s in range(3)], rel=1e-12, abs=1e-18)
+    if name == "vit-b16-scratch":   # the checkpoint's EMA evaluates as the run evaluated it
+        capsys.readouterr()
+        evaluate = ["eval", "--config", name, "--backend", "cpu", "--checkpoint",
+                    str(rd / "checkpoints" / "step_0000003.pt"), "--json"] + [a for kv in toy for a in ("--set", kv)]
+        assert main(evaluate + ["--ema"]) == 0
+        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert res["val_loss"] == pytest.approx(summary["ema_val_loss"], rel=1e-6)
+        assert res["val_top1"] == summary["ema_val_top1"]
+        assert main(evaluate) == 0
+        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert res["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-6)

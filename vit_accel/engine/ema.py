@@ -98,3 +98,22 @@ class ModelEMA:
             for name, avg in self.params.items():
                 avg.copy_(state["params"][name])
         self.steps = int(state["steps"])
+
+
+def load_ema_weights(model: torch.nn.Module, path: str) -> int:
+    """Put a training checkpoint's EMA into ``model`` (``vit-accel eval --ema``); returns its updates."""
+    from ..checkpoints.files import _torch_load     # the checkpoints' restricted unpickler
+
+    obj = _torch_load(path)
+    ema = obj.get("ema") if isinstance(obj, dict) else None
+    if not ema:
+        raise ConfigError(f"{path} holds no EMA weights (its run had train.ema_momentum 0); evaluate without --ema")
+    params = dict(model.named_parameters())
+    wrong = sorted(n for n in params if n not in ema["params"] or ema["params"][n].shape != params[n].shape)
+    if wrong or len(ema["params"]) != len(params):
+        raise ConfigError(f"{path}: the EMA weights do not fit this model (first: {(wrong or sorted(ema['params']))[0]}); "
+                          f"evaluate with the recipe and image size the run trained with")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(ema["params"][name])
+    return int(ema["steps"])
