@@ -82,6 +82,10 @@ def _final_weights(rd: Path, step: int):
     return ck["model"]
 
 
+def _final_ema(rd: Path, step: int):
+    return torch.load(rd / "checkpoints" / f"step_{step:07d}.pt", map_location="cpu", weights_only=False)["ema"]
+
+
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, data_root):
     # every random draw on: dropout, RandAugment + random erasing in the loader workers, Mixup/CutMix
     augment = ["--set", "data.rand_augment=rand-m9-mstd0.5-inc1", "--set", "data.random_erasing=0.25",
@@ -90,6 +94,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, data_root
               "--set", "schedule.total_steps=24", "--set", "schedule.warmup_steps=4",
               "--set", "train.eval_every=0", "--set", "train.checkpoint_every=8",
               "--set", "train.keep_checkpoints=0", "--set", "model.drop_rate=0.1"] + augment + TINY
+    common += ["--set", "train.ema_momentum=0.5"]  # the EMA resumes exactly too
     # one epoch of digits train is ~45 steps at batch 32: step 8..16 is mid-epoch
     full = _run(common + ["--run-dir", str(tmp_path / "full")], cwd=tmp_path)
     out, _ = full.communicate(timeout=600)
@@ -113,6 +118,10 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, data_root
     a, b = _final_weights(tmp_path / "full", 24), _final_weights(rd, 24)
     assert a.keys() == b.keys()
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= 1e-6, worst
+    ema_a, ema_b = _final_ema(tmp_path / "full", 24), _final_ema(rd, 24)
+    assert ema_a["steps"] == ema_b["steps"] == 24
+    worst = max((ema_a["params"][k] - ema_b["params"][k]).abs().max().item() for k in ema_a["params"])
     assert worst <= 1e-6, worst
 
 

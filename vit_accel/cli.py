@@ -66,6 +66,12 @@ def cmd_eval(args) -> int:
     report = load_pretrained(model, args.checkpoint)
     if backend.is_main:
         print(f"loaded {args.checkpoint}: {report}")
+    if args.ema:
+        from .engine.ema import load_ema_weights
+
+        updates = load_ema_weights(model, args.checkpoint)
+        if backend.is_main:
+            print(f"evaluating the EMA weights ({updates} updates)")
     backend.setup(model)
     # evaluation needs only the validation split (the bundled digits write both on first use)
     val_spec = data_specs(recipe)[1] if recipe.data.source == "digits" else recipe.data.val_shards
@@ -193,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights (train.ema_momentum)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_eval)
 

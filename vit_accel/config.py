@@ -99,6 +99,7 @@ class OptimConfig:
     label_smoothing: float = 0.0
     clip_grad_norm: float = 0.0           # 0 = no clipping
     loss: str = "ce"                      # "ce" (cross-entropy) or "soft_ce" (soft-target cross-entropy)
+    layer_decay: float = 0.0              # layer-wise lr decay: lr x decay^(depth + 1 - layer) (0 or 1 = off)
 
 
 @dataclass
@@ -106,8 +107,11 @@ class ScheduleConfig:
     total_steps: int = 5000
     warmup_steps: int = 800
     warmup_start_factor: float = 0.02     # lr at step 0 = factor x lr
-    kind: str = "cosine"                  # "cosine" or "constant" after warm-up
+    kind: str = "cosine"                  # a name of engine/schedule.py SCHEDULES (each source's own formula)
     min_lr: float = 0.0
+    epochs: float = 0.0                   # run length in epochs instead of total_steps (0 = use total_steps)
+    warmup_epochs: float = 0.0            # warm-up in epochs instead of warmup_steps
+    warmup_fraction: float = 0.0          # warm-up as a fraction of the run (ClassyVision's composite lengths)
 
 
 @dataclass
@@ -119,6 +123,7 @@ class TrainConfig:
     checkpoint_every: int = 1000          # 0 = only at the end
     keep_checkpoints: int = 2
     eval_batch_size: int = 0              # 0 = the micro-batch size
+    ema_momentum: float = 0.0             # model EMA, mmengine's momentum: ema = (1 - m) ema + m w (0 = off)
 
 
 @dataclass
@@ -424,7 +429,6 @@ def validate(r: Recipe, backends: Optional[List[str]] = None) -> None:
         check_augment_settings(r.data)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    _one_of("schedule.kind", r.schedule.kind, ("cosine", "constant"))
     _one_of("cpu.precision", r.cpu.precision, ("fp32", "bf16"))
     _one_of("gpu.precision", r.gpu.precision, ("bf16", "fp16", "fp32"))
     for k in ("attn_impl",):
@@ -437,8 +441,9 @@ def validate(r: Recipe, backends: Optional[List[str]] = None) -> None:
         pass  # allowed at load time (eval-only, plan); the trainer asks for it when it needs data
     if len(r.data.mean) != 3 or len(r.data.std) != 3:
         raise ConfigError("data.mean and data.std need 3 values (RGB)")
-    if r.schedule.total_steps <= 0 or r.schedule.warmup_steps < 0:
-        raise ConfigError("schedule.total_steps must be positive and schedule.warmup_steps >= 0")
+    from .engine.schedule import check_schedule
+
+    check_schedule(r.schedule)
     g = r.train.global_batch_size
     if g <= 0:
         raise ConfigError("train.global_batch_size must be positive")

@@ -349,6 +349,9 @@ class ViT(nn.Module):
         if isinstance(self.head, nn.Linear):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
+        if isinstance(self.pre_logits, PreLogits):  # lecun-normal, as ClassyVision's VisionTransformerHead
+            fc = self.pre_logits.fc
+            nn.init.trunc_normal_(fc.weight, std=math.sqrt(1.0 / fc.in_features))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """images (B, C, H, W) -> tokens (B, 1 + N, D): patches, class token, positions."""

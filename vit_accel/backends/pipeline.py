@@ -529,6 +529,10 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a recipe value (repeatable)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--world-size", type=int, default=1, help="processes for the batch arithmetic (gpu)")
+    p.add_argument("--train-samples", type=int, default=None,
+                   help="training samples per epoch (default: the recipe's shards' manifest)")
+    p.add_argument("--lr-plot", default=None, metavar="FILE.png", help="draw the per-step learning rate")
     p.set_defaults(func=run_plan_command)
     return p
 
@@ -536,10 +540,17 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
 def run_plan_command(args) -> int:
     from ..config import load_recipe
 
+    from ..data import DataError
+    from ..engine.schedule import format_schedule, plot_lr, schedule_plan
+
     try:
-        rep = plan_report(load_recipe(args.config, args.set), args.backend)
-    except ConfigError as e:
+        recipe = load_recipe(args.config, args.set)
+        rep = plan_report(recipe, args.backend)
+        rep["schedule"] = schedule_plan(recipe, args.world_size, args.train_samples, args.backend)
+    except (ConfigError, DataError) as e:
         print(f"vit-accel plan: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(rep, indent=2) if args.json else format_report(rep))
+    if args.lr_plot:
+        plot_lr(rep["schedule"], args.lr_plot, title=recipe.name)
+    print(json.dumps(rep, indent=2) if args.json else format_report(rep) + "\n" + format_schedule(rep["schedule"]))
     return 0

@@ -24,8 +24,10 @@ import torch.nn.functional as F
 from ..backends import Backend, create_backend
 from ..config import ConfigError, Recipe, vit_options
 from ..model import ViT, create_vit
+from .ema import ModelEMA, check_ema_backend, ema_parameters
+from .optim import check_optim_backend
 from .runlog import RunLog, format_summary, plot_curves
-from .schedule import lr_at
+from .schedule import build_schedule, needs_train_samples
 
 CKPT_RE = re.compile(r"step_(\d+)\.pt$")
 
@@ -84,6 +86,15 @@ def evaluate(backend: Backend, recipe: Recipe, loader: Iterable) -> Dict[str, fl
     n = max(sums[3].item(), 1.0)
     return {"val_top1": sums[0].item() / n, "val_top5": sums[1].item() / n, "val_loss": sums[2].item() / n,
             "val_count": int(sums[3].item())}
+
+
+def evaluate_with_ema(backend: Backend, recipe: Recipe, loader_fn, ema: Optional[ModelEMA]) -> Dict[str, float]:
+    """``evaluate`` on the trained weights and, with an EMA, on the EMA weights (keys ``ema_*``)."""
+    val = evaluate(backend, recipe, loader_fn())
+    if ema is not None:
+        with ema.swapped_in(ema_parameters(backend)):
+            val.update({"ema_" + k: v for k, v in evaluate(backend, recipe, loader_fn()).items()})
+    return val
 
 
 # ---------------------------------------------------------------------------------------
@@ -157,6 +168,8 @@ def train(recipe: Recipe, backend_name: str = "auto", run_dir: Optional[str] = N
     ``stop_after``: end after this step (for tests and partial runs); checkpoints as usual.
     """
     backend = create_backend(backend_name, recipe)
+    check_optim_backend(recipe.optim, backend.name)
+    check_ema_backend(recipe, backend.name)
     main = backend.is_main
     say = (lambda s: print(s, flush=True)) if main else (lambda s: None)
     say(f"vit-accel: backend {backend.name} ({backend.world_size} process(es)), recipe {recipe.name}")
@@ -183,8 +196,12 @@ def train(recipe: Recipe, backend_name: str = "auto", run_dir: Optional[str] = N
     torch.manual_seed(seed)
     model = build_model(recipe, backend, log=say)
     backend.setup(model)
+    ema = ModelEMA(recipe.train.ema_momentum, ema_parameters(backend)) if recipe.train.ema_momentum else None
     train_spec, val_spec = data_specs(recipe)
-    from ..data import DataError, ResumeMismatch, build_eval_loader, build_train_loader
+    from ..data import DataError, ResumeMismatch, build_eval_loader, build_train_loader, resolve_shards
+
+    samples = resolve_shards(train_spec).num_samples if needs_train_samples(recipe.schedule) else None
+    schedule = build_schedule(recipe.schedule, recipe.optim.lr, recipe.train.global_batch_size, samples)
 
     data_cfg = _with_shards(recipe, train_spec, val_spec)
     img = recipe.model.img_size
@@ -209,14 +226,18 @@ def train(recipe: Recipe, backend_name: str = "auto", run_dir: Optional[str] = N
             raise ConfigError(f"--resume {ckpt_path}: {e}") from None
         if state.get("rng"):
             _set_rng_state(state["rng"])
+        if ema is not None and state.get("ema"):
+            ema.load_state_dict(state["ema"])
+        elif ema is not None:
+            say(f"{ckpt_path} has no EMA: the EMA restarts from the resumed weights")
         say(f"resumed from {ckpt_path} at step {step}")
 
     wrap = getattr(backend, "wrap_train_loader", None)
     batches = iter(wrap(train_loader) if wrap else train_loader)
-    total = recipe.schedule.total_steps
+    total = schedule.total_steps
     end = min(total, stop_after) if stop_after else total
     say(f"run directory {rd}; {backend.batch_per_call} images per call x {backend.world_size} process(es); "
-        f"global batch {recipe.train.global_batch_size}; steps {step} -> {end}")
+        f"global batch {recipe.train.global_batch_size}; steps {step} -> {end}; schedule {schedule.describe()}")
     log = RunLog(rd, total, step, enabled=main, progress=progress)
     if main:
         (rd / "recipe.yaml").write_text(recipe.to_yaml())
@@ -239,7 +260,7 @@ def train(recipe: Recipe, backend_name: str = "auto", run_dir: Optional[str] = N
         # Seeded after the fetch: starting DataLoader workers draws from torch's RNG, and that
         # happens at a different step in a resumed run.
         torch.manual_seed(_step_seed(seed, backend.rank, step))
-        lr = lr_at(step, recipe.schedule, recipe.optim.lr)
+        lr = schedule.lr(step)
         if mix is not None:  # on the host, before normalization (affine, so the same as after), for every backend
             images, labels = mix(images, labels, _step_seed(seed, backend.rank, step))
         t0 = time.perf_counter()
@@ -248,6 +269,8 @@ def train(recipe: Recipe, backend_name: str = "auto", run_dir: Optional[str] = N
         if not np.isfinite(result.loss):
             raise FloatingPointError(f"loss is {result.loss} at step {step} (lr {lr:.3g}); "
                                      f"lower optim.lr or enable optim.clip_grad_norm")
+        if ema is not None:
+            ema.update(ema_parameters(backend))
         step += spc
         train_time += dt
         images_done += images.shape[0] * backend.world_size
@@ -264,15 +287,15 @@ def train(recipe: Recipe, backend_name: str = "auto", run_dir: Optional[str] = N
             log.write(rec)
             window_loss, window_n = 0.0, 0
         if recipe.train.eval_every and step % recipe.train.eval_every < spc and step < end:
-            val = evaluate(backend, recipe, val_loader())
+            val = evaluate_with_ema(backend, recipe, val_loader, ema)
             log.write(dict(kind="val", step=step, **val))
             log.message(f"step {step}: val top-1 {100 * val['val_top1']:.2f}%  top-5 {100 * val['val_top5']:.2f}%")
         if recipe.train.checkpoint_every and step % recipe.train.checkpoint_every < spc and step < end:
-            save_checkpoint(backend, recipe, rd, step, train_loader)
+            save_checkpoint(backend, recipe, rd, step, train_loader, ema)
 
     # -- end: final checkpoint, evaluation, summary ------------------------------------------
-    save_checkpoint(backend, recipe, rd, step, train_loader)
-    val = evaluate(backend, recipe, val_loader())
+    save_checkpoint(backend, recipe, rd, step, train_loader, ema)
+    val = evaluate_with_ema(backend, recipe, val_loader, ema)
     log.write(dict(kind="val", step=step, **val))
     log.close()
     stats = getattr(train_loader, "stats", None)
@@ -284,6 +307,7 @@ def train(recipe: Recipe, backend_name: str = "auto", run_dir: Optional[str] = N
         "wall_seconds": time.time() - t_start, "versions": versions(),
         "bad_samples": int(stats.bad) if stats is not None else 0,
     }
+    summary.update({k: v for k, v in val.items() if k.startswith("ema_")})
     if main:
         (rd / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_curves(rd)
@@ -292,7 +316,8 @@ def train(recipe: Recipe, backend_name: str = "auto", run_dir: Optional[str] = N
     return summary
 
 
-def save_checkpoint(backend: Backend, recipe: Recipe, run_dir: Path, step: int, loader) -> Path:
+def save_checkpoint(backend: Backend, recipe: Recipe, run_dir: Path, step: int, loader,
+                    ema: Optional[ModelEMA] = None) -> Path:
     """Write checkpoints/step_N.pt atomically and keep the newest ``train.keep_checkpoints``."""
     from ..model import ViTConfig  # noqa: F401  (documented: vit_config is ViTConfig.to_dict())
 
@@ -305,6 +330,8 @@ def save_checkpoint(backend: Backend, recipe: Recipe, run_dir: Path, step: int, 
         data_state = {"per_rank": per_rank}
     extra = {"step": step, "data": data_state, "rng": _rng_state(), "recipe": recipe.to_dict(),
              "vit_config": create_vit_config_dict(recipe, backend)}
+    if ema is not None:
+        extra["ema"] = ema.state_dict()
     backend.save_state(path, extra)
     if backend.is_main and recipe.train.keep_checkpoints > 0:
         for old in list_checkpoints(run_dir)[:-recipe.train.keep_checkpoints]:
