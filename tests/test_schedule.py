@@ -252,5 +252,9 @@ def test_plan_shows_batch_arithmetic_steps_and_the_rate_at_every_step(tmp_path, 
 
     assert main(["plan", "--backend", "gpu", "--config", "vit-b16-ft", "--world-size", "3"]) == 2
     assert "micro_batch_size 136 x world size 3 = 408" in capsys.readouterr().err
-    assert main(["plan", "--backend", "gpu", "--config", "vit-b16-classy"]) == 2
+    # lengths in epochs and no shards: the plan still shows the rest and says what it needs
+    assert main(["plan", "--backend", "gpu", "--config", "vit-b16-classy", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)["schedule"]
+    assert s["lr"] is None and s["optimizer_steps"] is None and "--train-samples" in s["unresolved"]
+    assert main(["plan", "--backend", "gpu", "--config", "vit-b16-classy", "--lr-plot", str(png)]) == 2
     assert "--train-samples" in capsys.readouterr().err

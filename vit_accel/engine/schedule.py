@@ -282,6 +282,11 @@ def schedule_plan(recipe: Any, world_size: int = 1, train_samples: Optional[int]
     """The batch arithmetic, the number of optimizer steps and the learning rate at every step."""
     if train_samples is None and needs_train_samples(recipe.schedule):
         train_samples = recipe_train_samples(recipe)
+        if train_samples is None:  # no shards yet: everything but the step count is still known
+            return {"kind": recipe.schedule.kind, "description": SCHEDULES[recipe.schedule.kind],
+                    "batch": batch_arithmetic(recipe, backend, world_size), "optimizer_steps": None, "lr": None,
+                    "unresolved": "lengths are in epochs: pass --train-samples N (ImageNet-1k has 1,281,167) "
+                                  "or set data.train_shards to shards with a manifest"}
     sched = build_schedule(recipe.schedule, recipe.optim.lr, recipe.train.global_batch_size, train_samples)
     lrs = sched.lrs()
     return {"kind": sched.kind, "description": SCHEDULES[sched.kind], "summary": sched.describe(),
@@ -293,6 +298,8 @@ def schedule_plan(recipe: Any, world_size: int = 1, train_samples: Optional[int]
 
 def plot_lr(plan: Dict[str, Any], path: str, title: str = "") -> str:
     """Draw the per-step learning rate of a ``schedule_plan`` into a PNG."""
+    if plan["lr"] is None:
+        raise ConfigError(f"--lr-plot: {plan['unresolved']}")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -316,6 +323,9 @@ def plot_lr(plan: Dict[str, Any], path: str, title: str = "") -> str:
 
 def format_schedule(plan: Dict[str, Any]) -> str:
     """Three lines for `vit-accel plan`: the schedule, the batch arithmetic, the rate's landmarks."""
+    if plan["lr"] is None:
+        return "\n".join([f"schedule: {plan['kind']}: {plan['unresolved']}",
+                          f"batch ({plan['batch']['backend']}): {plan['batch']['text']}"])
     lr, w = plan["lr"], plan["warmup_steps"]
     return "\n".join([f"schedule: {plan['summary']}",
                       f"batch ({plan['batch']['backend']}): {plan['batch']['text']}",
