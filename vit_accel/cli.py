@@ -212,7 +212,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, BackendUnavailable, FileNotFoundError) as e:
+    except (ConfigError, BackendUnavailable, FileNotFoundError, FloatingPointError) as e:
         if os.environ.get("RANK", "0") == "0":  # every rank of a launch fails alike: say it once
             print(f"vit-accel: error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -311,7 +311,8 @@ def config_dirs() -> List[Path]:
     if os.environ.get("VIT_ACCEL_CONFIGS"):
         dirs.append(Path(os.environ["VIT_ACCEL_CONFIGS"]))
     dirs.append(Path.cwd() / "configs")
-    dirs.append(Path(__file__).resolve().parent.parent / "configs")
+    dirs.append(Path(__file__).resolve().parent.parent / "configs")   # a source checkout
+    dirs.append(Path(__file__).resolve().parent / "configs")          # an installed wheel
     seen, out = set(), []
     for d in dirs:
         if d.resolve() not in seen:

@@ -72,8 +72,10 @@ def _with_shards(recipe: Recipe, train: str, val: str):
 def evaluate(backend: Backend, recipe: Recipe, loader: Iterable) -> Dict[str, float]:
     """Top-1, top-5 and loss over the validation split (summed over every process)."""
     sums = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, loss_sum, count
-    for images, labels in loader:
+    for images, labels in _in_lockstep(backend, loader, recipe.model.img_size):
         logits = backend.eval_step(images)
+        if labels is None:  # a rank out of data keeps pace (ZeRO-3 gathers weights in every forward)
+            continue
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hit = top == labels.view(-1, 1)
@@ -88,6 +90,24 @@ def evaluate(backend: Backend, recipe: Recipe, loader: Iterable) -> Dict[str, fl
     if bad["count"]:
         out.update(val_bad_samples=bad["count"], val_bad_examples=bad["examples"])
     return out
+
+
+def _in_lockstep(backend: Backend, loader: Iterable, img_size: int):
+    """The loader's batches, then (one blank image, None) until every rank is done.
+
+    Ranks hold different numbers of validation batches when shards split unevenly; each forward
+    under ZeRO-3 is collective, so every rank makes as many calls as the busiest one.
+    """
+    if backend.world_size <= 1 or not torch.distributed.is_initialized():
+        yield from loader
+        return
+    it = iter(loader)
+    while True:
+        batch = next(it, None)
+        busy = backend.all_reduce_sum(torch.tensor([0.0 if batch is None else 1.0], dtype=torch.float64))
+        if busy[0].item() == 0:
+            return
+        yield batch if batch is not None else (torch.zeros(1, 3, img_size, img_size, dtype=torch.uint8), None)
 
 
 def bad_samples(backend: Backend, stats, since: int = 0) -> Dict[str, Any]:
