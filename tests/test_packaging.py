@@ -28,8 +28,12 @@ def test_make_decides_on_the_triton_interpreter_when_the_test_recipe_runs(tmp_pa
 
 def _copy_source(dst: Path) -> Path:
     """The source tree without build outputs, so building the wheel writes nothing into the repository."""
-    ignore = shutil.ignore_patterns(".git", ".venv", "runs", "data", "build", "dist", "*.egg-info", "__pycache__",
-                                    ".pytest_cache", ".shim", "*.pt")
+    anywhere = shutil.ignore_patterns(".git", "*.egg-info", "__pycache__", ".pytest_cache")
+    top = {".venv", ".shim", "runs", "data", "build", "dist"}
+
+    def ignore(folder, names):
+        return set(anywhere(folder, names)) | (top & set(names) if Path(folder) == REPO else set())
+
     return Path(shutil.copytree(REPO, dst, ignore=ignore))
 
 

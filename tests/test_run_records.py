@@ -28,6 +28,7 @@ def _records(rd: Path):
     return [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
+@pytest.mark.slow
 def test_bad_samples_recorded_with_key_and_shard(tmp_path, capsys):
     train = write_digit_tars(tmp_path / "train", "train", [30, 30], bad={0: ["broken_train"]}, split="train")
     val = write_digit_tars(tmp_path / "val", "val", [20, 20], bad={1: ["broken_val"]})
@@ -79,6 +80,7 @@ def _fp16(monkeypatch, data_root, *extra):
                                                  *extra], backends=["gpu"])
 
 
+@pytest.mark.slow
 def test_fp16_skipped_steps_counted_and_resume_restores_the_loss_scale(tmp_path, data_root, monkeypatch):
     recipe = _fp16(monkeypatch, data_root)
     full = trainer.train(recipe, "gpu", run_dir=str(tmp_path / "full"), progress=False)

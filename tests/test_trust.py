@@ -149,6 +149,7 @@ def test_tolerant_unpickler_has_no_path_to_code():
     assert type(obj).__module__ == "opaque.posix" and obj.args == ("echo never",)
 
 
+@pytest.mark.slow
 def test_training_checkpoints_read_with_weights_only(tmp_path, data_root, capsys):
     rd = tmp_path / "run"
     assert main(["train", "--config", "vit-ti-digits", "--run-dir", str(rd), "--no-progress",
