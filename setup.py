@@ -11,9 +11,10 @@ setup(
     python_requires=">=3.8",
     # The Triton kernels live in the repository's kernels/ folder and install as
     # `vit_accel_kernels` (a bare `kernels` is another PyPI project's import name).
-    packages=find_packages(include=["vit_accel", "vit_accel.*"]) + ["vit_accel_kernels"],
-    package_dir={"vit_accel_kernels": "kernels"},
-    package_data={"vit_accel": ["configs/*.yaml"]},
+    # The recipes live in the repository's configs/ (the one source) and install as vit_accel/configs/.
+    packages=find_packages(include=["vit_accel", "vit_accel.*"]) + ["vit_accel_kernels", "vit_accel.configs"],
+    package_dir={"vit_accel_kernels": "kernels", "vit_accel.configs": "configs"},
+    package_data={"vit_accel.configs": ["*.yaml"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.0.1",

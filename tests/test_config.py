@@ -56,13 +56,43 @@ def test_overrides_are_typed():
 def test_batch_arithmetic_errors_show_the_arithmetic():
     with pytest.raises(ConfigError, match=r"17 x gradient_accumulation 32 x replicas 2 = 1088.*2176"):
         load_recipe("vit-b16-ft", ["ipu.replicas=2"])
-    with pytest.raises(ConfigError, match="not divisible by cpu.micro_batch_size 100"):
-        load_recipe("vit-b16-ft", ["cpu.micro_batch_size=100"])
+    with pytest.raises(ConfigError, match="cpu.gradient_accumulation 3 does not divide train.global_batch_size 2176"):
+        load_recipe("vit-b16-ft", ["cpu.gradient_accumulation=3"])
     assert gradient_accumulation(2176, 136, 4) == 4
-    with pytest.raises(ConfigError, match=r"micro_batch_size 136 x world size 3 = 408"):
+    with pytest.raises(ConfigError, match=r"global_batch_size 2176 is not divisible by the world size 3"):
         gradient_accumulation(2176, 136, 3)
-    with pytest.raises(ConfigError, match=r"136 x gradient_accumulation 2 x world size 4 = 1088"):
+    with pytest.raises(ConfigError, match=r"2176 / world size 4 = 544 .*gradient_accumulation 2 splits into "
+                                          r"micro-batches of 272 > cpu.micro_batch_size 136"):
         gradient_accumulation(2176, 136, 4, requested=2)
+
+
+@pytest.mark.parametrize("global_batch,micro,world,expect", [
+    (64, 64, 2, (32, 1)),        # the README's ZeRO example: micro-batch shrinks to the share
+    (64, 64, 1, (64, 1)),
+    (2176, 136, 16, (136, 1)),   # vit-b16-ft on 16 GPUs
+    (2176, 136, 4, (136, 4)),
+    (2176, 100, 1, (68, 32)),    # 100 is an upper bound: the largest divisor of 2176 below it
+    (64, 24, 2, (16, 2)),
+    (66, 64, 3, (22, 1)),
+    (21, 4, 3, (1, 7)),          # a prime share: micro-batch 1, accumulation fills the rest
+])
+def test_batch_split_reaches_the_global_batch_on_any_world_size(global_batch, micro, world, expect):
+    from vit_accel.config import batch_split
+
+    got = batch_split(global_batch, micro, world)
+    assert got == expect
+    assert got[0] <= micro and got[0] * got[1] * world == global_batch
+
+
+def test_batch_split_with_a_requested_accumulation():
+    from vit_accel.config import batch_split
+
+    assert batch_split(64, 64, 2, requested=4) == (8, 4)
+    with pytest.raises(ConfigError, match=r"64 / world size 2 = 32 per process, which gpu.gradient_accumulation 3 "
+                                          r"does not divide; set gpu.gradient_accumulation=0"):
+        batch_split(64, 64, 2, requested=3, section="gpu")
+    # a micro-batch that does not divide the global batch loads: it is an upper bound
+    assert load_recipe("vit-b16-ft", ["cpu.micro_batch_size=100"]).cpu.micro_batch_size == 100
 
 
 def test_missing_recipe_lists_the_known_ones():

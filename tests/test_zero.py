@@ -69,15 +69,19 @@ def test_config_requested_accumulation_must_reach_global_batch():
 
     assert deepspeed_config(_recipe(global_batch=64), 2, 8, "fp32", gradient_accumulation_steps=4)[
         "gradient_accumulation_steps"] == 4
-    with pytest.raises(ConfigError, match=r"micro_batch_size 8 x gradient_accumulation 3 x world size 2 = 48"):
+    with pytest.raises(ConfigError, match=r"32 per process, which cpu.gradient_accumulation 3 does not divide"):
         deepspeed_config(_recipe(global_batch=64), 2, 8, "fp32", gradient_accumulation_steps=3)
 
 
 def test_config_world_size_that_does_not_divide_is_a_clear_error():
     from vit_accel.backends.zero import deepspeed_config
 
-    with pytest.raises(ConfigError, match=r"global_batch_size 64 is not divisible by micro_batch_size 8 x world size 3"):
+    with pytest.raises(ConfigError, match=r"global_batch_size 64 is not divisible by the world size 3 .*"
+                                          r"change train.global_batch_size or the number of processes"):
         deepspeed_config(_recipe(global_batch=64), world_size=3, micro_batch_size=8, precision="fp32")
+    # any world size that divides the global batch works: the micro-batch shrinks, accumulation fills
+    cfg = deepspeed_config(_recipe(global_batch=64), world_size=2, micro_batch_size=64, precision="fp32")
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (32, 1)
 
 
 def test_config_precision_clipping_offload():

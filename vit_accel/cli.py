@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -49,7 +50,7 @@ def cmd_train(args) -> int:
     from .engine.trainer import train
 
     train(recipe, args.backend, run_dir=args.run_dir, resume=args.resume, progress=not args.no_progress,
-          stop_after=args.stop_after)
+          stop_after=args.stop_after, trust_checkpoint=args.trust_checkpoint)
     return 0
 
 
@@ -124,13 +125,13 @@ def cmd_predict(args) -> int:
 
 
 def _training_payload(path: str):
-    try:
-        import torch
+    """The dict of a vit-accel training checkpoint, else None (read like any checkpoint: no code runs)."""
+    from .checkpoints.files import load_untrusted
 
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-        return obj if isinstance(obj, dict) and obj.get("format") == "vit-accel-train" else None
-    except Exception:
+    if Path(path).is_dir() or Path(path).suffix in (".safetensors", ".npz", ".json"):
         return None
+    obj = load_untrusted(path)
+    return obj if isinstance(obj, dict) and obj.get("format") == "vit-accel-train" else None
 
 
 def recipe_summary(name: str) -> dict:
@@ -192,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="read the --resume file with the full unpickler, which RUNS ANY CODE the file names: "
+                        "only for an older checkpoint you wrote yourself")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 
@@ -244,8 +248,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, BackendUnavailable, FileNotFoundError) as e:
-        print(f"vit-accel: error: {e}", file=sys.stderr)
+    except (ConfigError, BackendUnavailable, FileNotFoundError, FloatingPointError) as e:
+        if os.environ.get("RANK", "0") == "0":  # every rank of a launch fails alike: say it once
+            print(f"vit-accel: error: {e}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print("vit-accel: interrupted; resume with --resume auto --run-dir RUN_DIR", file=sys.stderr)

@@ -11,7 +11,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -124,6 +124,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_batch_size: int = 0              # 0 = the micro-batch size
     ema_momentum: float = 0.0             # model EMA, mmengine's momentum: ema = (1 - m) ema + m w (0 = off)
+    max_skipped_steps: int = 50           # fp16: this many optimizer steps skipped in a row stop the run
 
 
 @dataclass
@@ -324,7 +325,8 @@ def config_dirs() -> List[Path]:
     if os.environ.get("VIT_ACCEL_CONFIGS"):
         dirs.append(Path(os.environ["VIT_ACCEL_CONFIGS"]))
     dirs.append(Path.cwd() / "configs")
-    dirs.append(Path(__file__).resolve().parent.parent / "configs")
+    dirs.append(Path(__file__).resolve().parent.parent / "configs")   # a source checkout
+    dirs.append(Path(__file__).resolve().parent / "configs")          # an installed wheel
     seen, out = set(), []
     for d in dirs:
         if d.resolve() not in seen:
@@ -388,22 +390,37 @@ def _one_of(path: str, value: str, choices) -> None:
         raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(str, choices))}")
 
 
-def gradient_accumulation(global_batch: int, micro_batch: int, world_size: int, requested: int = 0) -> int:
-    """Accumulation steps so that micro x accumulation x world = global; errors show the arithmetic."""
-    per_step = micro_batch * world_size
-    if requested:
-        if per_step * requested != global_batch:
-            raise ConfigError(
-                f"batch arithmetic: micro_batch_size {micro_batch} x gradient_accumulation {requested} x "
-                f"world size {world_size} = {per_step * requested}, but train.global_batch_size is "
-                f"{global_batch}")
-        return requested
-    if global_batch % per_step:
+def batch_split(global_batch: int, micro_batch: int, world_size: int, requested: int = 0,
+                section: str = "cpu") -> Tuple[int, int]:
+    """(micro-batch, accumulation) with micro x accumulation x world size = global batch.
+
+    ``micro_batch`` is an upper bound (what fits on a device): the micro-batch shrinks to the
+    largest size that divides each process's share and accumulation makes up the rest, so the
+    global batch is reached on any world size that divides it (ClassyVision's
+    ``simulated_global_batchsize``). ``requested`` fixes the accumulation instead.
+    """
+    if global_batch % world_size:
         raise ConfigError(
-            f"batch arithmetic: train.global_batch_size {global_batch} is not divisible by micro_batch_size "
-            f"{micro_batch} x world size {world_size} = {per_step}; choose a micro-batch that divides "
-            f"{global_batch // world_size if global_batch % world_size == 0 else global_batch}")
-    return global_batch // per_step
+            f"batch arithmetic: train.global_batch_size {global_batch} is not divisible by the world size "
+            f"{world_size} (processes); change train.global_batch_size or the number of processes "
+            f"(--nproc_per_node x nodes)")
+    share = global_batch // world_size
+    if requested:
+        if share % requested or share // requested > micro_batch:
+            raise ConfigError(
+                f"batch arithmetic: train.global_batch_size {global_batch} / world size {world_size} = {share} "
+                f"per process, which {section}.gradient_accumulation {requested} "
+                + ("does not divide" if share % requested else
+                   f"splits into micro-batches of {share // requested} > {section}.micro_batch_size {micro_batch}")
+                + f"; set {section}.gradient_accumulation=0 to derive it")
+        return share // requested, requested
+    micro = max(d for d in range(1, min(micro_batch, share) + 1) if share % d == 0)
+    return micro, share // micro
+
+
+def gradient_accumulation(global_batch: int, micro_batch: int, world_size: int, requested: int = 0) -> int:
+    """Accumulation steps of :func:`batch_split` (the micro-batch it uses may be smaller than given)."""
+    return batch_split(global_batch, micro_batch, world_size, requested)[1]
 
 
 def validate(r: Recipe, backends: Optional[List[str]] = None) -> None:
@@ -458,10 +475,10 @@ def validate(r: Recipe, backends: Optional[List[str]] = None) -> None:
             f"is {g}")
     for name in [b for b in ("cpu", "gpu") if b in backends]:
         sec = getattr(r, name)
-        if g % sec.micro_batch_size:
-            raise ConfigError(f"batch arithmetic ({name}): train.global_batch_size {g} is not divisible by "
-                              f"{name}.micro_batch_size {sec.micro_batch_size}")
-        if sec.gradient_accumulation and g % (sec.micro_batch_size * sec.gradient_accumulation):
+        if sec.micro_batch_size <= 0 or sec.gradient_accumulation < 0:
+            raise ConfigError(f"batch arithmetic ({name}): {name}.micro_batch_size must be positive and "
+                              f"{name}.gradient_accumulation >= 0 (0 = derived)")
+        if sec.gradient_accumulation and g % sec.gradient_accumulation:
             raise ConfigError(
-                f"batch arithmetic ({name}): micro_batch_size {sec.micro_batch_size} x gradient_accumulation "
-                f"{sec.gradient_accumulation} does not divide train.global_batch_size {g}")
+                f"batch arithmetic ({name}): {name}.gradient_accumulation {sec.gradient_accumulation} does not "
+                f"divide train.global_batch_size {g}")

@@ -152,9 +152,20 @@ class Backend:
         self.barrier()
         return path
 
-    def load_state(self, path: Path) -> Dict[str, Any]:
-        """Read a checkpoint written by ``save_state``; restores model and optimizer, returns it."""
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+    def load_state(self, path: Path, trust: bool = False) -> Dict[str, Any]:
+        """Read a checkpoint written by ``save_state``; restores model and optimizer, returns it.
+
+        Only tensors and plain types are read (``trust=True``: the full unpickler, for an older
+        file the user vouches for).
+        """
+        from ..checkpoints.files import load_plain
+
+        payload = load_plain(str(path), trust=trust)
+        if not isinstance(payload, dict) or payload.get("format") != "vit-accel-train":
+            from ..checkpoints.files import CheckpointError
+
+            raise CheckpointError(f"{path}: not a vit-accel training checkpoint (no format 'vit-accel-train'); "
+                                  f"to start from its weights use --set model.pretrained={path}")
         self.load_model_state_dict(payload["model"])
         if payload.get("optimizer") is not None and payload.get("backend", self.name) == self.name:
             self.load_optimizer_state_dict(payload["optimizer"])

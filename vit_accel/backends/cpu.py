@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from ..config import gradient_accumulation
+from ..config import batch_split
 from ..data.transforms import normalize
 from ..engine.optim import build_optimizer, set_lr
 from .base import Backend, StepResult
@@ -28,9 +28,13 @@ class CPUBackend(Backend):
         self.strategy: Optional[Any] = None   # DeepSpeed engine wrapper when zero_stage >= 0
         self.ddp: Optional[torch.nn.Module] = None
         self.init_distributed()
-        sec = self.section
-        self._accum = gradient_accumulation(recipe.train.global_batch_size, sec.micro_batch_size,
-                                            self.world_size, sec.gradient_accumulation)
+        sec, g = self.section, recipe.train.global_batch_size
+        self._micro, self._accum = batch_split(g, sec.micro_batch_size, self.world_size,
+                                               sec.gradient_accumulation, self.name)
+        if self.is_main:
+            print(f"batch: global {g} = micro-batch {self._micro} x accumulation {self._accum} x "
+                  f"{self.world_size} process(es) ({self.name}.micro_batch_size {sec.micro_batch_size} "
+                  f"is the upper bound)", flush=True)
 
     # -- setup ----------------------------------------------------------------------------
     @property
@@ -73,7 +77,8 @@ class CPUBackend(Backend):
     # -- batch granularity ----------------------------------------------------------------
     @property
     def micro_batch_size(self) -> int:
-        return self.section.micro_batch_size
+        """The micro-batch in use: the largest that divides this process's share, up to the recipe's."""
+        return self._micro
 
     @property
     def gradient_accumulation(self) -> int:
@@ -142,10 +147,10 @@ class CPUBackend(Backend):
             return self.strategy.save_state(path, extra)
         return super().save_state(path, extra)
 
-    def load_state(self, path) -> Dict[str, Any]:
+    def load_state(self, path, trust: bool = False) -> Dict[str, Any]:
         if self.strategy is not None:
-            return self.strategy.load_state(path)
-        return super().load_state(path)
+            return self.strategy.load_state(path)   # DeepSpeed's own files, read by DeepSpeed
+        return super().load_state(path, trust=trust)
 
     def model_state_dict(self):
         if self.strategy is not None:

@@ -90,7 +90,7 @@ class GPUBackend(CPUBackend):
     def setup(self, model: torch.nn.Module) -> None:
         super().setup(model)   # places the model, builds our optimizer, wraps DDP or DeepSpeed
         if self.strategy is None and self.section.precision == "fp16":
-            self.scaler = torch.amp.GradScaler("cuda")
+            self.scaler = torch.amp.GradScaler(self.device.type)
         if self.section.compile:
             if self.strategy is not None:
                 # DeepSpeed compiles the module inside its engine (its hooks stay outside the graph)
@@ -104,7 +104,19 @@ class GPUBackend(CPUBackend):
         dtype = _AUTOCAST.get(self.section.precision)
         if dtype is None:
             return nullcontext()
-        return torch.autocast(device_type="cuda", dtype=dtype)
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    # -- state: the loss scale travels with the checkpoint (exact fp16 resume) ---------------------
+    def save_state(self, path, extra: Dict[str, Any]):
+        if self.scaler is not None:
+            extra = dict(extra, grad_scaler=self.scaler.state_dict())   # floats and ints only
+        return super().save_state(path, extra)
+
+    def load_state(self, path, trust: bool = False) -> Dict[str, Any]:
+        payload = super().load_state(path, trust=trust)
+        if self.scaler is not None and payload.get("grad_scaler"):
+            self.scaler.load_state_dict(payload["grad_scaler"])
+        return payload
 
     # -- steps ------------------------------------------------------------------------------
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> StepResult:

@@ -37,7 +37,7 @@ from typing import Any, Dict
 
 import torch
 
-from ..config import ConfigError, Recipe, gradient_accumulation
+from ..config import ConfigError, Recipe, batch_split
 from ..engine.optim import set_lr
 from .base import StepResult, atomic_save, unwrap
 
@@ -55,8 +55,9 @@ def deepspeed_config(recipe: Recipe, world_size: int, micro_batch_size: int, pre
                      gradient_accumulation_steps: int = 0) -> Dict[str, Any]:
     """The DeepSpeed config dict for ``recipe`` on ``world_size`` data-parallel processes.
 
-    ``gradient_accumulation_steps`` 0 derives it from the global batch; a requested value must
-    make micro x accumulation x world equal ``train.global_batch_size`` (ConfigError otherwise).
+    ``micro_batch_size`` is an upper bound and ``gradient_accumulation_steps`` 0 derives the split
+    from the global batch (``config.batch_split``); a requested value must reach
+    ``train.global_batch_size`` (ConfigError otherwise).
     """
     dist = recipe.distributed
     if dist.zero_stage not in (0, 1, 2, 3):
@@ -68,7 +69,7 @@ def deepspeed_config(recipe: Recipe, world_size: int, micro_batch_size: int, pre
         raise ConfigError("distributed.offload_optimizer needs ZeRO stage 1, 2 or 3 "
                           "(stage 0 keeps a full optimizer on every process); set distributed.zero_stage")
     global_batch = recipe.train.global_batch_size
-    accum = gradient_accumulation(global_batch, micro_batch_size, world_size, gradient_accumulation_steps)
+    micro_batch_size, accum = batch_split(global_batch, micro_batch_size, world_size, gradient_accumulation_steps)
     zero: Dict[str, Any] = {"stage": dist.zero_stage}
     if dist.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -135,8 +136,8 @@ class DeepSpeedStrategy:
             raise ConfigError("fp16 with DeepSpeed needs a CUDA device (DeepSpeed refuses fp16 on CPU); "
                               "use precision bf16 or fp32")
         self.dtype = _DTYPES[self.precision]
-        self.config = deepspeed_config(backend.recipe, backend.world_size, sec.micro_batch_size,
-                                       self.precision, sec.gradient_accumulation)
+        self.config = deepspeed_config(backend.recipe, backend.world_size, backend.micro_batch_size,
+                                       self.precision, backend.gradient_accumulation)
         _quiet(deepspeed)
         _init_process_group(deepspeed, backend.dist_backend())
         self.engine, _, _, _ = deepspeed.initialize(model=backend.model, optimizer=backend.optimizer,

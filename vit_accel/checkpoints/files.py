@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import types
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -70,8 +71,49 @@ class _TolerantUnpickler(pickle.Unpickler):
         return type(name, (_Opaque,), {"__module__": "opaque." + module})
 
 
-_TOLERANT_PICKLE = types.SimpleNamespace(
-    Unpickler=_TolerantUnpickler, load=lambda f, **kw: _TolerantUnpickler(f, **kw).load(), __name__="tolerant_pickle")
+# Modules whose functions a pickle names only to run code on loading (no checkpoint stores them as
+# data): a file that names one is refused outright rather than loaded with an inert stand-in.
+_CODE_MODULES = frozenset(("builtins", "__builtin__", "os", "posix", "nt", "subprocess", "sys", "shutil",
+                           "importlib", "runpy", "socket", "pickle", "_pickle", "code", "codeop", "ctypes",
+                           "pty", "webbrowser", "multiprocessing", "marshal", "types", "functools", "operator",
+                           "io", "_io", "tempfile", "platform", "signal", "urllib", "http", "asyncio"))
+
+
+def _tolerant_pickle(replaced: List[str]):
+    """A pickle module for torch.load whose unpickler records the globals it replaced."""
+
+    class Recording(_TolerantUnpickler):
+        def find_class(self, module, name):
+            found = super().find_class(module, name)
+            if isinstance(found, type) and issubclass(found, _Opaque):
+                replaced.append("%s.%s" % (module, name))
+            return found
+
+    return types.SimpleNamespace(Unpickler=Recording, load=lambda f, **kw: Recording(f, **kw).load(),
+                                 __name__="tolerant_pickle")
+
+
+def refused_global(e: Exception) -> str:
+    """The global torch's weights_only loader refused ("posix.system"), or its first line."""
+    m = re.search(r"GLOBAL ([\w.]+)", str(e))
+    return m.group(1) if m else (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def load_plain(path: str, trust: bool = False) -> Any:
+    """A file of tensors and plain Python types (``torch.load(weights_only=True)``).
+
+    Anything else is refused with the object named, before any of it is built. ``trust=True``
+    is the full unpickler, which runs whatever code the file names: for files the user wrote.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            "%s: refused to unpickle %s: the file holds objects besides tensors and plain types, and loading "
+            "them runs code the file names (nothing was run). A file written by an older vit-accel or another "
+            "program that you trust loads with --trust-checkpoint" % (path, refused_global(e))) from None
+    except Exception as e:
+        raise _fail(path, "a PyTorch checkpoint", e) from e
 
 
 def _fail(path: str, expected: str, e: Exception) -> CheckpointError:
@@ -81,17 +123,34 @@ def _fail(path: str, expected: str, e: Exception) -> CheckpointError:
                            % (path, expected, type(e).__name__, ": " + msg if msg else ""))
 
 
-def _torch_load(path: str):
+def _torch_load(path: str, replaced: Optional[List[str]] = None):
+    """Tensors and plain types; objects of other classes become inert stand-ins (names in ``replaced``).
+
+    A file naming a function that runs code (``os.system``, ``builtins.exec``...) is refused.
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # objects besides tensors (mmengine), or no pickle at all
         first = e
     except Exception as e:
         raise _fail(path, "a PyTorch checkpoint", e) from e
+    names: List[str] = []
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TOLERANT_PICKLE)
+        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_tolerant_pickle(names))
     except Exception as e:  # for garbage bytes the first complaint is the clearer one
         raise _fail(path, "a PyTorch checkpoint", e if "eights only" in str(first) else first) from e
+    code = sorted(set(n for n in names if n.split(".")[0] in _CODE_MODULES))
+    if code:
+        raise CheckpointError("%s: refused: unpickling it would call %s (code, not data); nothing was run and "
+                              "no checkpoint stores such objects" % (path, ", ".join(code)))
+    if replaced is not None:
+        replaced.extend(sorted(set(names)))
+    return obj
+
+
+def load_untrusted(path: str) -> Any:
+    """What a torch file holds, read as ``read`` reads it: no code runs; a file naming code is refused."""
+    return _torch_load(os.fspath(path))
 
 
 def _safetensors_load(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
@@ -212,6 +271,7 @@ def read(path: str, format: str = "auto") -> Source:
         tensors, hints, notes = npz_to_timm(arrays)
         return Source(path, "npz", tensors, hints, notes)
     hints: Dict[str, Any] = {}
+    notes: List[str] = []
     if kind == "safetensors":
         sd, meta = _safetensors_load(path)
         if meta.get("format") == "vit-accel":
@@ -222,7 +282,12 @@ def read(path: str, format: str = "auto") -> Source:
             if format == "auto":
                 format = "vit-accel"
     else:
-        obj = _torch_load(path)
+        replaced: List[str] = []
+        obj = _torch_load(path, replaced)
+        if isinstance(obj, dict) and obj.get("format") == "vit-accel-train" and replaced:
+            raise CheckpointError("%s: refused: a vit-accel training checkpoint holds tensors and plain types "
+                                  "only, this one pickles %s (not imported, nothing was run)"
+                                  % (path, ", ".join(replaced)))
         if isinstance(obj, dict) and obj.get("format") == "vit-accel-train":
             hints["vit_config"] = obj.get("vit_config") or {}
             format = "vit-accel" if format == "auto" else format
@@ -230,6 +295,8 @@ def read(path: str, format: str = "auto") -> Source:
         elif isinstance(obj, dict) and isinstance((obj.get("meta") or {}).get("vit_config"), dict):
             hints["vit_config"] = obj["meta"]["vit_config"]  # an mmcls file that we wrote
         sd = _unwrap(obj, path)
+        if replaced:
+            notes = ["objects of %s were not imported (their code did not run)" % ", ".join(replaced)]
     style = detect(sd)
     if format == "auto":
         if style is None:
@@ -239,4 +306,4 @@ def read(path: str, format: str = "auto") -> Source:
     elif style is not None and style != {"vit-accel": "timm"}.get(format, format):
         raise CheckpointError("%s: tensor names are %s's, not %s's (first keys: %s)"
                               % (path, style, format, ", ".join(list(sd)[:3])))
-    return Source(path, format, DECODE[format](sd), hints)
+    return Source(path, format, DECODE[format](sd), hints, notes)

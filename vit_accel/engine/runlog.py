@@ -137,6 +137,11 @@ def format_summary(s: Dict[str, Any]) -> str:
              f"{100 * s.get('val_top5', float('nan')):.2f}%",
              f"train loss {s.get('train_loss', float('nan')):.4f}",
              f"speed      {s.get('images_per_second', 0):.1f} images/s, wall {s.get('wall_seconds', 0):.1f} s"]
-    if s.get("bad_samples"):
-        lines.append(f"skipped    {s['bad_samples']} bad samples (see metrics.jsonl)")
+    if s.get("skipped_steps"):
+        lines.append(f"fp16       {s['skipped_steps']} optimizer steps skipped by the loss scaler (inf/nan gradients)")
+    for kind, what in (("bad_samples", "training"), ("val_bad_samples", "validation")):
+        if s.get(kind):
+            ex = (s.get(kind.replace("samples", "examples")) or [{}])[0]
+            lines.append(f"skipped    {s[kind]} bad {what} samples, e.g. {ex.get('key')} in {ex.get('shard')}: "
+                         f"{ex.get('reason')} (examples in summary.json)")
     return "\n".join(lines)
