@@ -250,8 +250,11 @@ def test_plan_shows_batch_arithmetic_steps_and_the_rate_at_every_step(tmp_path, 
     assert "schedule: mmcv_cosine: 5,000 optimizer steps, warm-up 800 steps, lr 0.08" in out
     assert "micro-batch 136 x accumulation 4 x world size 4 = global batch 2,176" in out
 
+    # the micro-batch is an upper bound: 2,176 on 32 GPUs is 68 per GPU, one micro-batch of 68
+    assert main(["plan", "--backend", "gpu", "--config", "vit-b16-ft", "--world-size", "32"]) == 0
+    assert "micro-batch 68 x accumulation 1 x world size 32 = global batch 2,176" in capsys.readouterr().out
     assert main(["plan", "--backend", "gpu", "--config", "vit-b16-ft", "--world-size", "3"]) == 2
-    assert "micro_batch_size 136 x world size 3 = 408" in capsys.readouterr().err
+    assert "global_batch_size 2176 is not divisible by the world size 3" in capsys.readouterr().err
     # lengths in epochs and no shards: the plan still shows the rest and says what it needs
     assert main(["plan", "--backend", "gpu", "--config", "vit-b16-classy", "--json"]) == 0
     s = json.loads(capsys.readouterr().out)["schedule"]

@@ -102,9 +102,9 @@ class ModelEMA:
 
 def load_ema_weights(model: torch.nn.Module, path: str) -> int:
     """Put a training checkpoint's EMA into ``model`` (``vit-accel eval --ema``); returns its updates."""
-    from ..checkpoints.files import _torch_load     # the checkpoints' restricted unpickler
+    from ..checkpoints.files import load_plain      # tensors and plain types only, never code
 
-    obj = _torch_load(path)
+    obj = load_plain(path)
     ema = obj.get("ema") if isinstance(obj, dict) else None
     if not ema:
         raise ConfigError(f"{path} holds no EMA weights (its run had train.ema_momentum 0); evaluate without --ema")

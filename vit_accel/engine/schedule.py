@@ -259,7 +259,7 @@ def recipe_train_samples(recipe: Any) -> Optional[int]:
 
 def batch_arithmetic(recipe: Any, backend: str, world_size: int) -> Dict[str, Any]:
     """How the global batch splits on ``backend``: micro-batch x accumulation x processes/replicas."""
-    from ..config import gradient_accumulation
+    from ..config import batch_split
 
     g = recipe.train.global_batch_size
     if backend == "ipu":
@@ -270,11 +270,10 @@ def batch_arithmetic(recipe: Any, backend: str, world_size: int) -> Dict[str, An
                 "text": f"micro-batch {ipu.micro_batch_size} x accumulation {ipu.gradient_accumulation} x replicas "
                         f"{ipu.replicas} = global batch {g:,}"}
     sec = getattr(recipe, backend)
-    accum = gradient_accumulation(g, sec.micro_batch_size, world_size, sec.gradient_accumulation)
-    return {"backend": backend, "global_batch_size": g, "micro_batch_size": sec.micro_batch_size,
+    micro, accum = batch_split(g, sec.micro_batch_size, world_size, sec.gradient_accumulation, section=backend)
+    return {"backend": backend, "global_batch_size": g, "micro_batch_size": micro,
             "gradient_accumulation": accum, "world_size": world_size,
-            "text": f"micro-batch {sec.micro_batch_size} x accumulation {accum} x world size {world_size} = "
-                    f"global batch {g:,}"}
+            "text": f"micro-batch {micro} x accumulation {accum} x world size {world_size} = global batch {g:,}"}
 
 
 def schedule_plan(recipe: Any, world_size: int = 1, train_samples: Optional[int] = None,
