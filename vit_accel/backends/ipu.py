@@ -74,6 +74,28 @@ def is_test_double(poptorch) -> bool:
     return bool(getattr(poptorch, "TEST_DOUBLE", False))
 
 
+def device_seed(seed: int, step: int) -> int:
+    """The IPU RNG seed of the call that starts at optimizer step ``step`` (the same on every
+    instance, as PopTorch asks of ``randomSeed`` under poprun)."""
+    return (seed * 1_000_003 + step * 7_919) % (2 ** 63)
+
+
+def init_host_group(rank: int, world_size: int) -> None:
+    """A gloo process group over the poprun instances for what the host reduces itself
+    (validation metrics, the run directory, data positions, the checkpoint barrier); the
+    gradients travel between IPUs, not through it. Rendezvous: MASTER_ADDR / MASTER_PORT
+    (launch/poprun.sh exports them to every instance)."""
+    if world_size <= 1 or torch.distributed.is_initialized():
+        return
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise ConfigError(f"poprun with {world_size} instances: {' and '.join(missing)} not set; the instances "
+                          f"meet on MASTER_ADDR:MASTER_PORT for the host reductions (launch/poprun.sh sets both; "
+                          f"by hand: export MASTER_ADDR=<first host> MASTER_PORT=29500 and pass them with "
+                          f"--mpi-local-args='-x MASTER_ADDR -x MASTER_PORT')")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+
+
 # ---------------------------------------------------------------------------------------
 # Options
 # ---------------------------------------------------------------------------------------
@@ -251,16 +273,20 @@ class IPUBackend(Backend):
         self._local_replicas = ipu.replicas
         pd = _popdist()
         if pd is not None:                      # poprun: replicas split over instances (unverified)
+            if hasattr(pd, "init"):
+                pd.init()
             if pd.getNumTotalReplicas() != ipu.replicas:
                 raise ConfigError(f"poprun --num-replicas {pd.getNumTotalReplicas()} but ipu.replicas is "
                                   f"{ipu.replicas}; they must agree (the global batch depends on it)")
             self._local_replicas = pd.getNumLocalReplicas()
             self.rank, self.world_size = pd.getInstanceIndex(), pd.getNumInstances()
+            init_host_group(self.rank, self.world_size)
         self.options = None
         self.train_model = None
         self.infer_model = None
         self._on_device: Optional[str] = None   # which executor holds the IPUs: "train" / "eval"
-        self._lr: Optional[float] = None
+        self._lr: Optional[float] = None        # the lr the executor holds; None: unknown, write it
+        self._step = 0                          # optimizer steps done: the next call's device RNG seed
         self._mean = torch.tensor(recipe.data.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(recipe.data.std, dtype=torch.float32).view(1, 3, 1, 1)
 
@@ -360,7 +386,14 @@ class IPUBackend(Backend):
             if self.train_model.isCompiled():   # before the first call the compile reads it
                 self.train_model.setOptimizer(self.optimizer)
             self._lr = lr
-        _, loss = self.train_model(self.prepare(images), labels)
+        x = self.prepare(images)
+        if not self.train_model.isCompiled():
+            self.train_model.compile(x, labels)  # the RNG state can be set on a compiled executor only
+        # The device RNG (dropout) restarts each call from (seed, step), as the host RNG does in the
+        # trainer: a resumed run draws the masks an uninterrupted one draws. Only the seed is sent.
+        self.train_model.rng_state = [device_seed(self.recipe.train.seed, self._step)]
+        _, loss = self.train_model(x, labels)
+        self._step += self.steps_per_call
         return StepResult(loss=float(loss.float().mean()))
 
     @torch.no_grad()
@@ -411,9 +444,20 @@ class IPUBackend(Backend):
         if self.train_model is not None and self.train_model.isCompiled() and self.train_model.isAttachedToDevice():
             self.train_model.copyWeightsToDevice()
 
+    def load_state(self, path):
+        """Resume: weights and optimizer state as every backend, then the step (the device RNG
+        seeds follow it) and a forgotten learning rate: the optimizer now holds the
+        checkpoint's, so the next step writes its own and pushes it with setOptimizer."""
+        payload = super().load_state(path)
+        self._step = int(payload.get("step", 0))
+        self._lr = None
+        return payload
+
     def close(self) -> None:
         for ex in (self.infer_model, self.train_model):
             if ex is not None:
                 ex.destroy()
         self.infer_model = self.train_model = None
         self._on_device = None
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
