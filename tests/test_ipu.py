@@ -281,7 +281,7 @@ def test_loader_wrapping(double):
     r, b, m = small_backend(["ipu.loader_mode=async_rebatched"])
     b.setup(m)
     loader = [batch(16)]
-    assert b.wrap_train_loader(loader) is loader          # the double (and sync mode): unchanged
+    assert b.wrap_train_loader(loader) is loader          # no position to checkpoint: unchanged
 
     class Samples(torch.utils.data.IterableDataset):
         def __iter__(self):
@@ -309,6 +309,7 @@ def test_cli_train_end_to_end(double, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)                           # data/ (the digits shards) and runs/ go here
     run = tmp_path / "run"
     rc = main(["train", "--backend", "ipu", "--config", "vit-ti-digits", "--set", "schedule.total_steps=2",
+               "--set", "ipu.loader_mode=async_rebatched", "--set", "ipu.buffer_size=2",
                "--set", "schedule.warmup_steps=1", "--set", "train.eval_every=0", "--set", "data.workers=0",
                "--set", "train.eval_batch_size=256", "--run-dir", str(run), "--no-progress"])
     assert rc == 0

@@ -70,10 +70,6 @@ def _popart():
     return popart
 
 
-def is_test_double(poptorch) -> bool:
-    return bool(getattr(poptorch, "TEST_DOUBLE", False))
-
-
 def device_seed(seed: int, step: int) -> int:
     """The IPU RNG seed of the call that starts at optimizer step ``step`` (the same on every
     instance, as PopTorch asks of ``randomSeed`` under poprun)."""
@@ -245,9 +241,10 @@ def build_optimizer(model: nn.Module, recipe: Recipe, poptorch):
 
 def make_poptorch_loader(options, dataset, micro_batch_size: int, num_workers: int = 0, buffer_size: int = 8,
                          mode: str = "async_rebatched"):
-    """``poptorch.DataLoader`` over a per-sample dataset: each item is one call's combined
-    batch (micro x device iterations x replicas x accumulation). Async modes load in a
-    separate process through a ring buffer of ``buffer_size`` batches. Freezes ``options``."""
+    """``poptorch.DataLoader`` over a per-sample dataset of your own: each item is one call's
+    combined batch (micro x device iterations x replicas x accumulation). Async modes load in
+    a separate process through a ring buffer of ``buffer_size`` batches. Freezes ``options``.
+    The trainer feeds the IPU through ``ipu_feed.ReadAhead`` instead (exact resume)."""
     poptorch = _poptorch()
     modes = {"sync": poptorch.DataLoaderMode.Sync, "async": poptorch.DataLoaderMode.Async,
              "async_rebatched": poptorch.DataLoaderMode.AsyncRebatched}
@@ -287,6 +284,7 @@ class IPUBackend(Backend):
         self._on_device: Optional[str] = None   # which executor holds the IPUs: "train" / "eval"
         self._lr: Optional[float] = None        # the lr the executor holds; None: unknown, write it
         self._step = 0                          # optimizer steps done: the next call's device RNG seed
+        self._feed_prepares = False             # wrap_train_loader's feed yields normalized images
         self._mean = torch.tensor(recipe.data.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(recipe.data.std, dtype=torch.float32).view(1, 3, 1, 1)
 
@@ -386,7 +384,7 @@ class IPUBackend(Backend):
             if self.train_model.isCompiled():   # before the first call the compile reads it
                 self.train_model.setOptimizer(self.optimizer)
             self._lr = lr
-        x = self.prepare(images)
+        x = images if self._feed_prepares and images.dtype != torch.uint8 else self.prepare(images)
         if not self.train_model.isCompiled():
             self.train_model.compile(x, labels)  # the RNG state can be set on a compiled executor only
         # The device RNG (dropout) restarts each call from (seed, step), as the host RNG does in the
@@ -414,23 +412,17 @@ class IPUBackend(Backend):
 
     # -- loader -----------------------------------------------------------------------------
     def wrap_train_loader(self, loader):
-        """A ``poptorch.DataLoader`` (``ipu.loader_mode`` async or async_rebatched, real
-        PopTorch) when ``loader`` is a torch DataLoader over a per-sample dataset; otherwise
-        ``loader`` unchanged. The trainer's resumable loader yields whole per-call batches and
-        checkpoints its own position, which a loader reading ahead in another process would
-        put out of step; its workers already decode while the IPU computes."""
+        """``ipu.loader_mode`` async / async_rebatched: the trainer's resumable loader read
+        ``ipu.buffer_size`` calls ahead by a host thread that also normalizes and casts the
+        images (``ipu_feed.ReadAhead``; checkpoints keep the exact position); sync: unchanged."""
+        from .ipu_feed import ReadAhead
+
         ipu = self.recipe.ipu
-        poptorch = _poptorch()
-        dataset = getattr(loader, "dataset", None)
-        if ipu.loader_mode == "sync" or is_test_double(poptorch):
+        if ipu.loader_mode == "sync" or not hasattr(loader, "state_dict"):
             return loader
-        if not isinstance(loader, torch.utils.data.DataLoader) or dataset is None:
-            log.info("ipu.loader_mode=%s: keeping the resumable batch loader (exact resume needs its "
-                     "position); use loader_mode=sync to silence this", ipu.loader_mode)
-            return loader
-        return make_poptorch_loader(self.options, dataset, self.micro_batch_size,
-                                    num_workers=getattr(loader, "num_workers", 0), buffer_size=ipu.buffer_size,
-                                    mode=ipu.loader_mode)
+        mix = self.recipe.data.mixup > 0 or self.recipe.data.cutmix > 0
+        self._feed_prepares = not mix           # mixup runs in the trainer, between feed and step
+        return ReadAhead(loader, None if mix else self.prepare, depth=ipu.buffer_size)
 
     # -- state ------------------------------------------------------------------------------
     def model_state_dict(self) -> Dict[str, torch.Tensor]:
