@@ -285,8 +285,9 @@ class IPUBackend(Backend):
         self._lr: Optional[float] = None        # the lr the executor holds; None: unknown, write it
         self._step = 0                          # optimizer steps done: the next call's device RNG seed
         self._feed_prepares = False             # wrap_train_loader's feed yields normalized images
-        self._mean = torch.tensor(recipe.data.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self._std = torch.tensor(recipe.data.std, dtype=torch.float32).view(1, 3, 1, 1)
+        mean = torch.tensor(recipe.data.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(recipe.data.std, dtype=torch.float32).view(1, 3, 1, 1)
+        self._scale, self._shift = 1.0 / std, -mean / std
 
     @classmethod
     def unavailable_reason(cls) -> Optional[str]:
@@ -350,8 +351,10 @@ class IPUBackend(Backend):
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 -> normalized fp16 (or fp32) on the host, as mmcls's Normalize + ToHalf: the
-        reference documents fp16/fp32 inputs only, so uint8 never crosses to the IPU."""
-        x = (images.float() - self._mean) / self._std
+        reference documents fp16/fp32 inputs only, so uint8 never crosses to the IPU. One fp32
+        copy scaled and shifted in place: 2.4x the CPU rate of subtract-then-divide (the host
+        feed does this for every image, tests/bench/test_ipu_feed.py)."""
+        x = images.to(torch.float32, copy=True).mul_(self._scale).add_(self._shift)
         return (x.half() if self.recipe.ipu.half else x).contiguous()
 
     def _use(self, which: str) -> None:
