@@ -17,6 +17,10 @@ import sys
 import pytest
 import torch
 
+import popdist_double
+import poptorch_double
+from vit_accel.backends.ipu import IPUBackend
+from vit_accel.config import ConfigError, load_recipe
 from vit_accel.data.digits import ensure_digits
 from vit_accel.data.loader import EvalLoader
 from vit_accel.data.reader import resolve_shards
@@ -27,7 +31,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INSTANCE = os.path.join(REPO, "tests", "ipu_instance.py")
 ARGS = ["train", "--backend", "ipu", "--config", "vit-ti-digits", "--no-progress",
         "--set", "schedule.total_steps=2", "--set", "schedule.warmup_steps=1", "--set", "train.eval_every=0",
-        "--set", "train.checkpoint_every=1", "--set", "data.workers=0", "--set", "train.log_every=1"]
+        "--set", "train.checkpoint_every=1", "--set", "data.workers=0", "--set", "train.log_every=1",
+        "--set", "ipu.loader_mode=async_rebatched", "--set", "ipu.buffer_size=2"]    # through the read-ahead feed
 
 
 def _free_port() -> int:
@@ -101,3 +106,19 @@ def test_two_instances_reduce_metrics_write_once_and_resume(tmp_path):
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=k)
     assert b["data"] == a["data"] and len(a["data"]["per_rank"]) == 2
+
+
+def test_instances_need_a_rendezvous_and_the_recipes_replicas(monkeypatch):
+    for name, mod in (("poptorch", poptorch_double), ("popdist", popdist_double),
+                      ("popdist.poptorch", popdist_double.poptorch)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    for k, v in dict(OMPI_COMM_WORLD_RANK="0", OMPI_COMM_WORLD_SIZE="2", POPDIST_NUM_TOTAL_REPLICAS="2",
+                     POPDIST_NUM_IPUS_PER_REPLICA="2").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(ConfigError, match="2 instances: MASTER_ADDR and MASTER_PORT not set.*launch/poprun.sh"):
+        IPUBackend(load_recipe("vit-ti-digits"))
+    monkeypatch.setenv("POPDIST_NUM_TOTAL_REPLICAS", "4")
+    with pytest.raises(ConfigError, match="poprun --num-replicas 4 but ipu.replicas is 2"):
+        IPUBackend(load_recipe("vit-ti-digits"))
