@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # the test recipe runs (after the environment exists), not when make starts.
 INTERP  = $$($(PY) -c "import torch; print('' if torch.cuda.is_available() else 'TRITON_INTERPRET=1')")
 
-.PHONY: venv train test test-fast lint-py38 bench clean
+.PHONY: venv train test test-fast lint-py38 bench clean test-torch20
 
 venv: $(STAMP)
 
@@ -27,6 +27,25 @@ lint-py38: $(STAMP)
 
 test: $(STAMP) lint-py38
 	env $(INTERP) $(PY) -m pytest -q tests
+	$(MAKE) test-torch20
+
+# The IPU path under torch 2.0.1, the torch PopTorch 3.3/3.4 pin: Python 3.8 (pyenv's, else
+# python3.8, else python3), PyPI's torch 2.0.1 (CUDA 11.7 build: 2.3 min, 4.5 GB cold), the IPU
+# tests with the PopTorch double, the op coverage check and the digits recipe end to end.
+PY38    ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.8.*/bin/python3.8) $(shell command -v python3.8) python3)
+VENV20  ?= .venv-torch20
+STAMP20 := $(VENV20)/.installed
+IPU_TESTS := tests/test_ipu.py tests/test_ipu_ops.py tests/test_ipu_resume.py tests/test_ipu_feed.py tests/test_ipu_poprun.py
+
+$(STAMP20): constraints-torch20.txt
+	test -x $(VENV20)/bin/python || $(PY38) -m venv $(VENV20)
+	$(VENV20)/bin/pip install -q --upgrade 'pip<25'
+	$(VENV20)/bin/pip install -q -c constraints-torch20.txt torch==2.0.1 numpy pillow pyyaml scikit-learn \
+		matplotlib tqdm safetensors webdataset pytest
+	touch $(STAMP20)
+
+test-torch20: $(STAMP20)
+	env PYTHONPATH=$(CURDIR) $(VENV20)/bin/python -m pytest -q -p no:cacheprovider $(IPU_TESTS)
 
 bench: $(STAMP)
 	$(PY) -m pytest -q tests/bench -m bench

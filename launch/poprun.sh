@@ -24,7 +24,10 @@
 #       --vipu-host 10.1.2.3 -- --set ipu.gradient_accumulation=8
 #
 # Needs the Poplar SDK sourced (enable.sh) and PopTorch + popdist installed. Pass --run-dir:
-# every instance must write to the same run directory (instance 0 writes checkpoints).
+# every instance must write to the same run directory (instance 0 writes checkpoints). With
+# more than one instance they meet on MASTER_ADDR:MASTER_PORT (default: the first of --hosts,
+# or this host, and 29500) in a gloo group for the host reductions (validation metrics, data
+# positions); both are exported to every instance.
 set -euo pipefail
 
 CONFIG=vit-b16-ft INSTANCES=1 REPLICAS="" IPUS="" PARTITION="${IPUOF_VIPU_API_PARTITION_ID:-}"
@@ -62,10 +65,13 @@ if [[ -z "$PARTITION" || -z "$VIPU_HOST" ]]; then
   exit 2
 fi
 
+export MASTER_ADDR="${MASTER_ADDR:-${HOSTS%%,*}}" MASTER_PORT="${MASTER_PORT:-29500}"
+MASTER_ADDR="${MASTER_ADDR:-$(hostname)}"
 CMD=(poprun --vipu-server-host="$VIPU_HOST" --vipu-partition="$PARTITION"
      --num-instances="$INSTANCES" --num-replicas="$REPLICAS" --ipus-per-replica="$IPUS"
      --executable-cache-path="$CACHE" --only-output-from-instance=0
-     --mpi-global-args="--tag-output" --mpi-local-args="-x PYTHONPATH -x PATH -x LD_LIBRARY_PATH")
+     --mpi-global-args="--tag-output"
+     --mpi-local-args="-x PYTHONPATH -x PATH -x LD_LIBRARY_PATH -x MASTER_ADDR -x MASTER_PORT")
 [[ -n "$HOSTS" ]] && CMD+=(--host "$HOSTS")
 CMD+=("$PY" -m vit_accel train --backend ipu --config "$CONFIG"
       --set "ipu.replicas=$REPLICAS" --set "ipu.ipus_per_replica=$IPUS" --set "ipu.executable_cache=$CACHE" "$@")

@@ -7,14 +7,23 @@ and are frozen by DataLoader / trainingModel / inferenceModel ("Can't modify fro
 Options"); BeginBlock registers a forward pre-hook and refuses a second annotation; one
 executor call consumes micro x deviceIterations x replicationFactor x gradientAccumulation
 samples laid out [D, G, R, micro] and runs forward, backward and the update; returned
-shapes follow outputMode. Emulated, not modelled: IPU memory, compilation, real pipelining,
-fp16 stochastic rounding, partials, PopART options (recorded only). Unverified points of
-the reference stay unverified here (the output ordering of All is presumed [D, G, R]).
+shapes follow outputMode. The IPU's RNG is a stream apart from the host's: the executor
+keeps its own state, seeded from ``Options.randomSeed`` when it compiles and set through the
+``rng_state`` property ([seed] or [seed] + state; compiled executors only), as PopTorch 3.2+.
+Several processes (reference section 7): ``Options.Distributed`` reads OMPI_COMM_WORLD_RANK /
+OMPI_COMM_WORLD_SIZE; with more than one process the gradients of every replica of every
+process are combined before each update (the distributed replicated graph; here a
+torch.distributed all-reduce, which the test initialises with gloo) and ``DataLoader`` gives
+each process a disjoint slice of a map-style dataset. Emulated, not modelled: IPU memory,
+compilation, real pipelining, fp16 stochastic rounding, partials, PopART options (recorded
+only). Unverified points of the reference stay unverified here (the output ordering of All
+is presumed [D, G, R]).
 """
 from __future__ import annotations
 
 import copy
 import enum
+import os
 import types
 
 import torch
@@ -27,6 +36,9 @@ events = []                   # ("block", user_id, ipu_id) / ("checkpoint",) in 
 
 class Error(RuntimeError):
     pass
+
+
+NO_EXECUTABLE_ERR = "Model has not been compiled or has been destroyed."
 
 
 class ReductionType(enum.IntEnum):
@@ -176,6 +188,8 @@ class Options:
         self.TensorLocations, self._Popart, self.Distributed = _TensorLocations(self), _Popart(self), _Distributed(self)
         self.Training.__dict__.update(gradient_accumulation=1,
                                       accumulation_and_replication_reduction_type=ReductionType.Mean)
+        self.Distributed.__dict__.update(processId=int(os.environ.get("OMPI_COMM_WORLD_RANK", 0)),
+                                         numProcesses=int(os.environ.get("OMPI_COMM_WORLD_SIZE", 1)))
 
     def _check(self):
         if self._is_frozen:
@@ -302,6 +316,30 @@ class PoplarExecutor:
         self._model = copy.deepcopy(model, memo)
         self._shapes, self._attached = None, False
         self.optimizer_pushes = []          # lrs of each setOptimizer call, for tests
+        self.rng_seeds = []                 # seeds written through rng_state, for tests
+        self._seed, self._device_rng = None, None
+
+    def compile(self, *args):
+        if self.isCompiled():
+            raise Error("Model has already been compiled")
+        self._check_batch(self._cast(args))
+
+    @property
+    def rng_state(self):
+        if not self.isCompiled():
+            raise Error(NO_EXECUTABLE_ERR)
+        return [self._seed] + self._device_rng.tolist()
+
+    @rng_state.setter
+    def rng_state(self, state):
+        if not self.isCompiled():
+            raise Error(NO_EXECUTABLE_ERR)
+        self._seed = int(state[0])
+        self.rng_seeds.append(self._seed)
+        if len(state) > 1:
+            self._device_rng = torch.tensor(state[1:], dtype=torch.uint8)
+        else:
+            self._device_rng = torch.Generator().manual_seed(self._seed).get_state()
 
     def isCompiled(self):
         return self._shapes is not None
@@ -350,16 +388,45 @@ class PoplarExecutor:
                             raise Error(f"poptorch.AutoStage.SameAsIpu was selected but no IPU was specified "
                                         f"for block {h.user_id}")
             self._shapes, self._attached = shapes, True       # first call compiles and attaches
+            self._seed = o.random_seed if o.random_seed is not None else int(torch.initial_seed())
+            self._device_rng = torch.Generator().manual_seed(self._seed).get_state()
         elif shapes != self._shapes:
             raise Error("Shape mismatch: the inputs don't match the inputs used to compile the model")
         if not self._attached:
             self.attachToDevice()
         return d, r, g, args[0].shape[0] // (d * r * g)
 
-    def __call__(self, *args):
-        args = [a.int() if a.dtype == torch.int64 else a.float() if a.dtype in (torch.float64, torch.bfloat16)
+    @staticmethod
+    def _cast(args):
+        return [a.int() if a.dtype == torch.int64 else a.float() if a.dtype in (torch.float64, torch.bfloat16)
                 else a for a in args]
+
+    def __call__(self, *args):
+        args = self._cast(args)
         d, r, g, micro = self._check_batch(args)
+        with torch.random.fork_rng(devices=[]):              # dropout draws from the device's RNG
+            torch.set_rng_state(self._device_rng)
+            res = self._run(args, d, r, g, micro)
+            self._device_rng = torch.get_rng_state()
+        return res
+
+    def _all_reduce_grads(self, params):
+        """The replicas of the other processes: their gradients join before the update."""
+        n = self._options.Distributed.numProcesses
+        if n <= 1:
+            return
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise Error(f"Options.Distributed.numProcesses is {n} but this double needs a torch.distributed "
+                        f"group to stand in for the IPU links")
+        mean = self._options.Training.accumulation_and_replication_reduction_type == ReductionType.Mean
+        for p in params:
+            dist.all_reduce(p.grad)
+            if mean:
+                p.grad.div_(n)
+
+    def _run(self, args, d, r, g, micro):
         # PopART reads the flat batch as [deviceIterations, accumulation, replicas, micro_batch, ...]
         chunks = [[a.reshape(d, g, r, micro, *a.shape[1:])[di, gi, ri] for a in args]
                   for di in range(d) for gi in range(g) for ri in range(r)]
@@ -379,6 +446,7 @@ class PoplarExecutor:
                 (_loss[0].sum() * ls / (g * r if mean else 1)).backward()
                 if k % (g * r) == g * r - 1:        # the last micro-batch of this device iteration
                     params = [p for grp in self._optimizer.param_groups for p in grp["params"] if p.grad is not None]
+                    self._all_reduce_grads(params)
                     for p in params:
                         p.grad.div_(ls)             # unscale before the update
                     if getattr(self._optimizer, "max_grad_norm", float("inf")) != float("inf"):
@@ -435,6 +503,9 @@ class DataLoader(torch.utils.data.DataLoader):
                                   * options.Training.gradient_accumulation)
         options._freeze()
         self._options, self.mode, self.async_options = options, mode, async_options
+        n, i = options.Distributed.numProcesses, options.Distributed.processId
+        if n > 1 and auto_distributed_partitioning and not isinstance(dataset, torch.utils.data.IterableDataset):
+            dataset = torch.utils.data.Subset(dataset, range(i, len(dataset), n))   # this process's slice
         super().__init__(dataset, batch_size=self.combinedBatchSize, shuffle=bool(shuffle), num_workers=num_workers,
                          drop_last=drop_last, **kwargs)
 

@@ -20,7 +20,7 @@ IPU_PATH = ["vit_accel/__init__.py", "vit_accel/__main__.py", "vit_accel/model.p
             "vit_accel/config.py",
             "vit_accel/cli.py", "vit_accel/backends/__init__.py",
             "vit_accel/backends/base.py", "vit_accel/backends/pipeline.py", "vit_accel/backends/pipeline_run.py",
-            "vit_accel/backends/ipu.py"]
+            "vit_accel/backends/ipu.py", "vit_accel/backends/ipu_feed.py"]
 IPU_DIRS = ["vit_accel/checkpoints", "vit_accel/data", "vit_accel/engine"]
 
 # torch names that do not exist in torch 2.0.1

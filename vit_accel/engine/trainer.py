@@ -283,6 +283,8 @@ def train(recipe: Recipe, backend_name: str = "auto", run_dir: Optional[str] = N
         say(f"resumed from {ckpt_path} at step {step}")
 
     wrap = getattr(backend, "wrap_train_loader", None)
+    if wrap:  # a feed that reads ahead: checkpoints take its position (of the batches it handed out)
+        train_loader, wrap = wrap(train_loader), None
     batches = iter(wrap(train_loader) if wrap else train_loader)
     total = schedule.total_steps
     end = min(total, stop_after) if stop_after else total
