@@ -26,7 +26,7 @@ lint-py38: $(STAMP)
 	$(PY) tools/check_py38.py
 
 test: $(STAMP) lint-py38
-	env $(INTERP) $(PY) -m pytest -q tests
+	env $(INTERP) $(PY) -m pytest -q -rs tests
 	$(MAKE) test-torch20
 
 # The IPU path under torch 2.0.1, the torch PopTorch 3.3/3.4 pin: Python 3.8 (pyenv's, else
