@@ -353,7 +353,7 @@ class IPUBackend(Backend):
         """uint8 -> normalized fp16 (or fp32) on the host, as mmcls's Normalize + ToHalf: the
         reference documents fp16/fp32 inputs only, so uint8 never crosses to the IPU. One fp32
         copy scaled and shifted in place: 2.4x the CPU rate of subtract-then-divide (the host
-        feed does this for every image, tests/bench/test_ipu_feed.py)."""
+        feed does this for every image, tests/bench/test_bench_ipu_feed.py)."""
         x = images.to(torch.float32, copy=True).mul_(self._scale).add_(self._shift)
         return (x.half() if self.recipe.ipu.half else x).contiguous()
 

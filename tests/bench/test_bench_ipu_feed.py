@@ -1,6 +1,6 @@
 """IPU host feed: the images/s one loader process feeds, against what vit-b16-ft needs.
 
-    pytest tests/bench/test_ipu_feed.py -m bench -s
+    pytest tests/bench/test_bench_ipu_feed.py -m bench -s
 
 400 ImageNet-size JPEGs (500x375, ~87 KB, quality 90) written to shards here; the recipe's
 train transform (RandomResizedCrop 224 bilinear + flip, uint8) in the loader's worker
