@@ -38,8 +38,8 @@ from typing import Any, Dict
 import torch
 
 from ..config import ConfigError, Recipe, batch_split
-from ..engine.optim import set_lr
 from ..engine import distributed
+from ..engine.optim import set_lr
 from .base import StepResult, unwrap, write_checkpoint
 
 # DeepSpeed prints its own progress every `steps_per_print` steps; the trainer logs instead.
