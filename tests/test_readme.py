@@ -28,6 +28,7 @@ README = REPO / "README.md"
 NOT_RUN = {
     "make test": "the suite this test belongs to",
     "vit-accel make-shards --source imagenet": "needs the ImageNet tree on disk (parsed here)",
+    "vit-accel eval --config timm-vit-b16-r50-384": "needs the published weights and ImageNet val shards (parsed here)",
 }
 # Scaled-down runs (fewer steps, one block; the batch arithmetic stays the recipe's): the README's
 # checkpoint of the full 600-step default is this run's last one
