@@ -15,6 +15,7 @@ import torch
 
 from vit_accel.backends import BackendUnavailable, create_backend
 from vit_accel.backends.gpu import GPUBackend, cuda_unavailable_reason, gpu_model_options
+from vit_accel.backends.precision import LossScaledFP16
 from vit_accel.config import Recipe
 from vit_accel.model import create_vit
 
@@ -117,7 +118,7 @@ def test_gpu_backend_fits_a_batch_with_triton_kernels(precision):
     b = GPUBackend(r)
     assert b.device.type == "cuda" and b.gradient_accumulation == 2
     b.setup(small_model(r, b))
-    assert (b.scaler is not None) == (precision == "fp16")
+    assert isinstance(b.precision, LossScaledFP16) == (precision == "fp16")
     images, labels = fixed_batch()
     losses = [b.train_step(images, labels, 1e-3).loss for _ in range(12)]
     assert all(torch.isfinite(torch.tensor(losses)))

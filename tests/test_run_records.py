@@ -11,6 +11,7 @@ import torch
 
 from digit_tars import write_digit_tars
 from vit_accel.backends.gpu import GPUBackend
+from vit_accel.backends.precision import LossScaledFP16
 from vit_accel.config import load_recipe
 from vit_accel.engine import trainer
 
@@ -69,7 +70,7 @@ class CPUHostedGPU(GPUBackend):
             with torch.no_grad():
                 model.head.weight.fill_(float("nan"))
         super().setup(model)
-        self.scaler = torch.amp.GradScaler("cpu", init_scale=self.init_scale)
+        self.precision = LossScaledFP16("cpu", torch.amp.GradScaler("cpu", init_scale=self.init_scale))
 
 
 def _fp16(monkeypatch, data_root, *extra):

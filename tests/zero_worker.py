@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from vit_accel.backends.cpu import CPUBackend  # noqa: E402
 from vit_accel.config import Recipe  # noqa: E402
+from vit_accel.engine import distributed  # noqa: E402
 from vit_accel.engine.schedule import lr_at  # noqa: E402
 from vit_accel.model import create_vit  # noqa: E402
 
@@ -69,7 +70,7 @@ def run_steps(backend, start: int, end: int):
 
 
 def mean_over_ranks(backend, values):
-    t = backend.all_reduce_sum(torch.tensor(values, dtype=torch.float64))
+    t = distributed.all_reduce_sum(torch.tensor(values, dtype=torch.float64))
     return (t / backend.world_size).tolist()
 
 

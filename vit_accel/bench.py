@@ -193,6 +193,7 @@ def measure(provider: str, recipe: Recipe, backend_name: str, batch: int, warmup
 def zero_memory(recipe: Recipe, backend_name: str, batch: int, warmup: int, model_name: str) -> List[Result]:
     """Peak memory per process of ``model_name`` under ZeRO stage 0 and stage 3 (DeepSpeed)."""
     from .backends import backend_class
+    from .engine import distributed
     from .model import create_vit
 
     out = []
@@ -200,7 +201,7 @@ def zero_memory(recipe: Recipe, backend_name: str, batch: int, warmup: int, mode
         r = bench_recipe(recipe, backend_name, batch, zero_stage=stage)
         r.model.name = model_name
         backend = backend_class(backend_name)(r)
-        dev = backend.device
+        dev, world = backend.device, distributed.world_size()   # the backend joined the process group
         torch.manual_seed(0)
         opts = vit_options(r.model)
         opts.update(backend.model_options())
@@ -214,8 +215,8 @@ def zero_memory(recipe: Recipe, backend_name: str, batch: int, warmup: int, mode
         mem = None
         if dev.type == "cuda":
             peak = torch.tensor([torch.cuda.max_memory_allocated(dev)], dtype=torch.float64)
-            mem = backend.all_reduce_sum(peak).item() / backend.world_size / 2 ** 30   # mean over ranks
-        out.append(Result(f"zero-{stage} x{backend.world_size}", images_per_second=batch * backend.world_size / sec,
+            mem = distributed.all_reduce_sum(peak).item() / world / 2 ** 30   # mean over ranks
+        out.append(Result(f"zero-{stage} x{world}", images_per_second=batch * world / sec,
                           step_ms=sec * 1e3, peak_memory_gib=mem,
                           note="" if mem is not None else "memory: n/a (no CUDA)"))
         del backend, images, labels

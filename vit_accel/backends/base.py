@@ -1,9 +1,10 @@
 """The backend seam: what a device must do for the shared trainer, and nothing else.
 
 A backend tells whether it is available, chooses the model's ops, places and wraps the model
-and optimizer, runs one call of optimizer steps on the batch this process feeds, evaluates a
-batch, and saves/loads its state. The trainer loop, schedule, metrics, logging and checkpoint
-policy live in ``vit_accel.engine`` and are written once.
+and optimizer, feeds and runs one call of optimizer steps on the batch this process reads,
+evaluates a batch, and saves/loads its state. The trainer loop, schedule, metrics, logging,
+checkpoint policy and the process-group queries (``engine.distributed``) are written once,
+outside the backends.
 
 Batch granularity is the backend's: one ``train_step`` consumes ``batch_per_call`` images of
 this process and performs ``steps_per_call`` optimizer steps (IPU: micro-batch x gradient
@@ -15,11 +16,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, Optional
 
 import torch
 
 from ..config import Recipe
+from ..engine import distributed
 
 
 class BackendUnavailable(RuntimeError):
@@ -34,23 +36,21 @@ class StepResult:
 
 
 class Backend:
+    """What the trainer, ``vit-accel eval`` and ``vit-accel bench`` call; a new backend implements
+    ``setup``, ``batch_per_call``, ``eval_batch_size``, ``train_step``, ``eval_step``, ``save_state`` and
+    ``load_state``, and overrides the rest where its device needs it."""
+
     name = "base"
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
-        self.rank = 0
-        self.world_size = 1
-        self.local_rank = 0
-        self.model: Optional[torch.nn.Module] = None
-        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.model: Optional[torch.nn.Module] = None   # after setup: the model that trains (EMA follows it)
 
-    # -- availability ------------------------------------------------------------------
     @classmethod
     def unavailable_reason(cls) -> Optional[str]:
         """None when the backend can run here, else one line: what is missing, what to do."""
         return None
 
-    # -- model -------------------------------------------------------------------------
     def model_options(self) -> Dict[str, Any]:
         """Op choices passed to ``create_vit`` (same parameters whatever they are)."""
         return {"attn_impl": "sdpa", "norm_impl": "torch", "mlp_impl": "torch"}
@@ -61,27 +61,26 @@ class Backend:
 
     # -- batch granularity ---------------------------------------------------------------
     @property
-    def micro_batch_size(self) -> int:
-        raise NotImplementedError
-
-    @property
-    def gradient_accumulation(self) -> int:
+    def batch_per_call(self) -> int:
+        """Images this process feeds to one ``train_step``."""
         raise NotImplementedError
 
     @property
     def steps_per_call(self) -> int:
+        """Optimizer steps one ``train_step`` performs."""
         return 1
 
     @property
-    def batch_per_call(self) -> int:
-        """Images this process feeds to one ``train_step``."""
-        return self.micro_batch_size * self.gradient_accumulation * self.steps_per_call
-
-    @property
     def eval_batch_size(self) -> int:
-        return self.recipe.train.eval_batch_size or self.micro_batch_size
+        """Images of one ``eval_step`` call at most."""
+        raise NotImplementedError
 
     # -- steps -------------------------------------------------------------------------
+    def wrap_train_loader(self, loader: Iterable) -> Iterable:
+        """The training batches as ``train_step`` wants them; a feed that reads ahead must keep the
+        loader's ``state_dict`` / ``load_state_dict`` (the position of the batches it handed out)."""
+        return loader
+
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> StepResult:
         """Run ``steps_per_call`` optimizer steps at learning rate ``lr``.
 
@@ -94,82 +93,75 @@ class Backend:
         """Logits (float32, on the CPU) for a uint8 batch of any size up to ``eval_batch_size``."""
         raise NotImplementedError
 
-    # -- distribution helpers -------------------------------------------------------------
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum a small CPU tensor over processes (metrics); identity for one process."""
-        if self.world_size > 1 and torch.distributed.is_initialized():
-            dev = self.collective_device()
-            x = t.to(dev)
-            torch.distributed.all_reduce(x)
-            return x.cpu()
-        return t
-
-    def collective_device(self) -> torch.device:
-        return torch.device("cpu")
-
-    def barrier(self) -> None:
-        if self.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-
-    def close(self) -> None:
-        """Release devices and process groups."""
-
     # -- state ---------------------------------------------------------------------------
-    def model_state_dict(self) -> Dict[str, torch.Tensor]:
-        """Full fp32 model weights with timm keys, on the CPU (collective where sharded)."""
-        assert self.model is not None
-        return {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
-                for k, v in unwrap(self.model).state_dict().items()}
-
-    def optimizer_state_dict(self) -> Dict[str, Any]:
-        assert self.optimizer is not None
-        return self.optimizer.state_dict()
-
-    def load_model_state_dict(self, sd: Dict[str, torch.Tensor]) -> None:
-        unwrap(self.model).load_state_dict(sd)
-
-    def load_optimizer_state_dict(self, sd: Dict[str, Any]) -> None:
-        assert self.optimizer is not None
-        self.optimizer.load_state_dict(sd)
-
     def save_state(self, path: Path, extra: Dict[str, Any]) -> Path:
-        """Write a resumable checkpoint atomically (temp file + rename); returns its path.
+        """Write a resumable checkpoint atomically; returns its path. Collective: every rank calls it.
 
         The file holds the model, the optimizer and whatever the trainer puts in ``extra``
-        (step, schedule, RNG states, data position, recipe). Collective: every rank calls it.
+        (step, schedule, RNG states, data position, recipe).
         """
-        model_sd = self.model_state_dict()
-        optim_sd = self.optimizer_state_dict()
-        if self.is_main:
-            payload = dict(extra)
-            payload.update({"format": "vit-accel-train", "model": model_sd, "optimizer": optim_sd,
-                            "backend": self.name})
-            atomic_save(payload, path)
-        self.barrier()
-        return path
+        raise NotImplementedError
 
     def load_state(self, path: Path, trust: bool = False) -> Dict[str, Any]:
-        """Read a checkpoint written by ``save_state``; restores model and optimizer, returns it.
+        """Restore model and optimizer from a ``save_state`` checkpoint; returns its contents (``extra``).
 
         Only tensors and plain types are read (``trust=True``: the full unpickler, for an older
         file the user vouches for).
         """
-        from ..checkpoints.files import load_plain
+        raise NotImplementedError
 
-        payload = load_plain(str(path), trust=trust)
-        if not isinstance(payload, dict) or payload.get("format") != "vit-accel-train":
-            from ..checkpoints.files import CheckpointError
+    def close(self) -> None:
+        """Release devices and process groups."""
 
-            raise CheckpointError(f"{path}: not a vit-accel training checkpoint (no format 'vit-accel-train'); "
-                                  f"to start from its weights use --set model.pretrained={path}")
-        self.load_model_state_dict(payload["model"])
-        if payload.get("optimizer") is not None and payload.get("backend", self.name) == self.name:
-            self.load_optimizer_state_dict(payload["optimizer"])
-        return payload
+    # -- process identity, for callers that hold only the backend (engine.distributed answers) --
+    @property
+    def rank(self) -> int:
+        return distributed.rank()
+
+    @property
+    def world_size(self) -> int:
+        return distributed.world_size()
+
+    @property
+    def is_main(self) -> bool:
+        return distributed.is_main()
+
+
+# ---------------------------------------------------------------------------------------
+# The checkpoint file every backend but ZeRO writes (ZeRO adds DeepSpeed's directory)
+# ---------------------------------------------------------------------------------------
+
+def full_weights(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """Full fp32 model weights with timm keys, on the CPU."""
+    return {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
+            for k, v in unwrap(model).state_dict().items()}
+
+
+def write_checkpoint(path: Path, weights: Dict[str, torch.Tensor], optimizer_state: Optional[Dict[str, Any]],
+                     extra: Dict[str, Any], backend_name: str) -> Path:
+    """The main process writes ``extra`` + weights + optimizer state (format ``vit-accel-train``)
+    atomically; every process waits for it."""
+    if distributed.is_main():
+        payload = dict(extra)
+        payload.update({"format": "vit-accel-train", "model": weights, "optimizer": optimizer_state,
+                        "backend": backend_name})
+        atomic_save(payload, path)
+    distributed.barrier()
+    return path
+
+
+def read_checkpoint(path: Path, trust: bool, backend_name: str) -> Dict[str, Any]:
+    """A ``vit-accel-train`` checkpoint's contents; ``optimizer`` is None unless ``backend_name`` wrote it
+    (another backend's optimizer state does not fit this one's)."""
+    from ..checkpoints.files import CheckpointError, load_plain
+
+    payload = load_plain(str(path), trust=trust)
+    if not isinstance(payload, dict) or payload.get("format") != "vit-accel-train":
+        raise CheckpointError(f"{path}: not a vit-accel training checkpoint (no format 'vit-accel-train'); "
+                              f"to start from its weights use --set model.pretrained={path}")
+    if payload.get("backend", backend_name) != backend_name:
+        payload["optimizer"] = None
+    return payload
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,22 +1,25 @@
 """CPU backend: the reference path, and the base of the GPU backend (same loop, other device).
 
 One ``train_step`` = one optimizer step over ``micro_batch_size x gradient_accumulation``
-images of this process. Several processes (``torchrun``) run data parallel: plain DDP when
-``distributed.zero_stage`` is -1, DeepSpeed ZeRO (gloo on CPU) when it is 0..3.
+images of this process, with the recipe's precision (precision.py: fp32, bf16 autocast, fp16
+with a GradScaler on GPUs). Several processes (``torchrun``) run data parallel: plain DDP when
+``distributed.zero_stage`` is -1, DeepSpeed ZeRO (gloo on CPU) when it is 0..3, which then
+runs its own step (zero.py).
 """
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ..config import batch_split
 from ..data.transforms import normalize
+from ..engine import distributed
 from ..engine.optim import build_optimizer, set_lr
-from .base import Backend, StepResult
+from .base import Backend, StepResult, full_weights, read_checkpoint, unwrap, write_checkpoint
+from .precision import precision_for
 
 
 class CPUBackend(Backend):
@@ -25,15 +28,18 @@ class CPUBackend(Backend):
     def __init__(self, recipe):
         super().__init__(recipe)
         self.device = self.select_device()
+        self.optimizer: Optional[torch.optim.Optimizer] = None
         self.strategy: Optional[Any] = None   # DeepSpeed engine wrapper when zero_stage >= 0
         self.ddp: Optional[torch.nn.Module] = None
-        self.init_distributed()
+        distributed.join_process_group(self.dist_backend())
+        self.precision = precision_for(self.section.precision, self.device.type,
+                                       loss_scaling=recipe.distributed.zero_stage < 0)
         sec, g = self.section, recipe.train.global_batch_size
-        self._micro, self._accum = batch_split(g, sec.micro_batch_size, self.world_size,
+        self._micro, self._accum = batch_split(g, sec.micro_batch_size, distributed.world_size(),
                                                sec.gradient_accumulation, self.name)
-        if self.is_main:
+        if distributed.is_main():
             print(f"batch: global {g} = micro-batch {self._micro} x accumulation {self._accum} x "
-                  f"{self.world_size} process(es) ({self.name}.micro_batch_size {sec.micro_batch_size} "
+                  f"{distributed.world_size()} process(es) ({self.name}.micro_batch_size {sec.micro_batch_size} "
                   f"is the upper bound)", flush=True)
 
     # -- setup ----------------------------------------------------------------------------
@@ -50,17 +56,6 @@ class CPUBackend(Backend):
         b = self.recipe.distributed.dist_backend
         return "gloo" if b == "auto" else b
 
-    def init_distributed(self) -> None:
-        """Join the process group that torchrun / the deepspeed launcher describes, if any."""
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group(backend=self.dist_backend())
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-
     def setup(self, model: torch.nn.Module) -> None:
         self.model = model.to(self.device)
         self.optimizer = build_optimizer(self.model, self.recipe.optim)
@@ -68,7 +63,7 @@ class CPUBackend(Backend):
             from .zero import DeepSpeedStrategy
 
             self.strategy = DeepSpeedStrategy(self)
-        elif self.world_size > 1:
+        elif distributed.world_size() > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -84,15 +79,25 @@ class CPUBackend(Backend):
     def gradient_accumulation(self) -> int:
         return self._accum
 
-    # -- steps ----------------------------------------------------------------------------
-    def autocast(self):
-        if self.section.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+    @property
+    def batch_per_call(self) -> int:
+        return self._micro * self._accum
 
+    @property
+    def eval_batch_size(self) -> int:
+        return self.recipe.train.eval_batch_size or self._micro
+
+    # -- steps ----------------------------------------------------------------------------
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B,3,H,W] on the host -> normalized float32 on the device (4x fewer bytes moved)."""
         return normalize(images.to(self.device, non_blocking=True), self.recipe.data.mean, self.recipe.data.std)
+
+    def micro_batches(self, images: torch.Tensor, labels: torch.Tensor) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """The call's ``gradient_accumulation`` micro-batches, prepared, on the device."""
+        mb = self._micro
+        for i in range(self._accum):
+            yield (self.prepare(images[i * mb:(i + 1) * mb]),
+                   labels[i * mb:(i + 1) * mb].to(self.device, non_blocking=True))
 
     def loss_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """optim.loss "ce": F.cross_entropy; "soft_ce": mean over samples of -sum(target x log_softmax)
@@ -112,47 +117,47 @@ class CPUBackend(Backend):
         model = self.ddp if self.ddp is not None else self.model
         model.train()
         set_lr(self.optimizer, lr)
-        accum, mb = self.gradient_accumulation, self.micro_batch_size
-        total = 0.0
-        for i in range(accum):
-            x = self.prepare(images[i * mb:(i + 1) * mb])
-            y = labels[i * mb:(i + 1) * mb].to(self.device, non_blocking=True)
+        accum, precision = self._accum, self.precision
+        total = torch.zeros((), device=self.device)
+        for i, (x, y) in enumerate(self.micro_batches(images, labels)):
             # DDP all-reduces only on the last micro-batch of the step
             sync = self.ddp.no_sync() if (self.ddp is not None and i < accum - 1) else nullcontext()
             with sync:
-                with self.autocast():
+                with precision.autocast():
                     logits = model(x)
                 loss = self.loss_fn(logits, y) / accum
-                loss.backward()
+                precision.backward(loss)
             total += loss.detach()
-        grad_norm = None
-        if self.recipe.optim.clip_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                             self.recipe.optim.clip_grad_norm))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=float(total), grad_norm=grad_norm)
+        grad_norm, skipped = precision.step(self.optimizer, self.model.parameters(), self.recipe.optim.clip_grad_norm)
+        return StepResult(loss=float(total), grad_norm=grad_norm, skipped=skipped)
 
     @torch.no_grad()
     def eval_step(self, images: torch.Tensor) -> torch.Tensor:
         model = self.strategy.module if self.strategy is not None else self.model
         model.eval()
-        with self.autocast():
+        with self.precision.autocast():
             logits = model(self.prepare(images))
         return logits.float().cpu()
 
-    # -- state ----------------------------------------------------------------------------
+    # -- state: the loss scale travels with the checkpoint (exact fp16 resume) --------------
     def save_state(self, path, extra: Dict[str, Any]):
         if self.strategy is not None:
             return self.strategy.save_state(path, extra)
-        return super().save_state(path, extra)
+        extra = dict(extra, **self.precision.state_dict())
+        return write_checkpoint(path, self.model_state_dict(), self.optimizer.state_dict(), extra, self.name)
 
     def load_state(self, path, trust: bool = False) -> Dict[str, Any]:
         if self.strategy is not None:
             return self.strategy.load_state(path)   # DeepSpeed's own files, read by DeepSpeed
-        return super().load_state(path, trust=trust)
+        payload = read_checkpoint(path, trust, self.name)
+        unwrap(self.model).load_state_dict(payload["model"])
+        if payload["optimizer"] is not None:
+            self.optimizer.load_state_dict(payload["optimizer"])
+        self.precision.load_state_dict(payload)
+        return payload
 
-    def model_state_dict(self):
+    def model_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Full fp32 weights with timm keys on the CPU (collective under ZeRO)."""
         if self.strategy is not None:
             return self.strategy.model_state_dict()
-        return super().model_state_dict()
+        return full_weights(self.model)

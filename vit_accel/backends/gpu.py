@@ -4,7 +4,7 @@ One process per GPU (``torchrun`` / the ``deepspeed`` launcher set ``LOCAL_RANK`
 from the recipe's ``gpu`` section: bf16 autocast, the Triton attention / LayerNorm / bias-GELU
 kernels (``gpu.attn_impl``, ``gpu.norm_impl``, ``gpu.mlp_impl``, switchable one by one), optional
 ``torch.compile`` (``gpu.compile``). fp16 uses dynamic loss scaling: ``torch.amp.GradScaler``
-in the plain loop, DeepSpeed's ``fp16`` section (loss_scale 0) under ZeRO
+in the CPU backend's loop (precision.py), DeepSpeed's ``fp16`` section (loss_scale 0) under ZeRO
 (``distributed.zero_stage`` 0..3, see zero.py).
 
 Importing this module imports neither triton nor deepspeed: the model imports the kernels when
@@ -13,17 +13,14 @@ built with a "triton" op, zero.py imports deepspeed when a recipe asks for ZeRO.
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
 from typing import Any, Dict, Optional
 
 import torch
 
 from ..config import Recipe
-from ..engine.optim import set_lr
-from .base import BackendUnavailable, StepResult
+from ..engine import distributed
+from .base import BackendUnavailable
 from .cpu import CPUBackend
-
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def gpu_model_options(recipe: Recipe) -> Dict[str, Any]:
@@ -46,10 +43,6 @@ def cuda_unavailable_reason() -> Optional[str]:
 
 class GPUBackend(CPUBackend):
     name = "gpu"
-
-    def __init__(self, recipe: Recipe):
-        self.scaler: Optional[torch.amp.GradScaler] = None
-        super().__init__(recipe)
 
     @classmethod
     def unavailable_reason(cls) -> Optional[str]:
@@ -78,19 +71,12 @@ class GPUBackend(CPUBackend):
         b = self.recipe.distributed.dist_backend
         return "nccl" if b == "auto" else b
 
-    def collective_device(self) -> torch.device:
-        # NCCL reduces CUDA tensors only; gloo (if chosen) takes either
-        return self.device
-
     def close(self) -> None:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        distributed.leave_process_group()
 
     # -- model and optimizer ----------------------------------------------------------------
     def setup(self, model: torch.nn.Module) -> None:
         super().setup(model)   # places the model, builds our optimizer, wraps DDP or DeepSpeed
-        if self.strategy is None and self.section.precision == "fp16":
-            self.scaler = torch.amp.GradScaler(self.device.type)
         if self.section.compile:
             if self.strategy is not None:
                 # DeepSpeed compiles the module inside its engine (its hooks stay outside the graph)
@@ -99,55 +85,3 @@ class GPUBackend(CPUBackend):
                 self.ddp = torch.compile(self.ddp)
             else:
                 self.model = torch.compile(self.model)
-
-    def autocast(self):
-        dtype = _AUTOCAST.get(self.section.precision)
-        if dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
-    # -- state: the loss scale travels with the checkpoint (exact fp16 resume) ---------------------
-    def save_state(self, path, extra: Dict[str, Any]):
-        if self.scaler is not None:
-            extra = dict(extra, grad_scaler=self.scaler.state_dict())   # floats and ints only
-        return super().save_state(path, extra)
-
-    def load_state(self, path, trust: bool = False) -> Dict[str, Any]:
-        payload = super().load_state(path, trust=trust)
-        if self.scaler is not None and payload.get("grad_scaler"):
-            self.scaler.load_state_dict(payload["grad_scaler"])
-        return payload
-
-    # -- steps ------------------------------------------------------------------------------
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> StepResult:
-        if self.strategy is not None or self.scaler is None:
-            return super().train_step(images, labels, lr)
-        return self._fp16_step(images, labels, lr)
-
-    def _fp16_step(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> StepResult:
-        """The CPU loop with a GradScaler: fp16 gradients underflow without loss scaling."""
-        model = self.ddp if self.ddp is not None else self.model
-        model.train()
-        set_lr(self.optimizer, lr)
-        accum, mb = self.gradient_accumulation, self.micro_batch_size
-        total = torch.zeros((), device=self.device)
-        for i in range(accum):
-            x = self.prepare(images[i * mb:(i + 1) * mb])
-            y = labels[i * mb:(i + 1) * mb].to(self.device, non_blocking=True)
-            sync = self.ddp.no_sync() if (self.ddp is not None and i < accum - 1) else nullcontext()
-            with sync:
-                with self.autocast():
-                    logits = model(x)
-                loss = self.loss_fn(logits, y) / accum
-                self.scaler.scale(loss).backward()
-            total += loss.detach()
-        grad_norm = None
-        if self.recipe.optim.clip_grad_norm > 0:
-            self.scaler.unscale_(self.optimizer)   # clip the true gradients, not the scaled ones
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                             self.recipe.optim.clip_grad_norm))
-        scale = self.scaler.get_scale()
-        self.scaler.step(self.optimizer)          # skipped when a gradient is inf/nan
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=float(total), grad_norm=grad_norm, skipped=self.scaler.get_scale() < scale)

@@ -29,7 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError, Recipe
-from .base import Backend, StepResult
+from ..engine import distributed
+from .base import Backend, StepResult, full_weights, read_checkpoint, write_checkpoint
 from .pipeline import StagePlan, build_plan
 
 log = logging.getLogger(__name__)
@@ -276,8 +277,8 @@ class IPUBackend(Backend):
                 raise ConfigError(f"poprun --num-replicas {pd.getNumTotalReplicas()} but ipu.replicas is "
                                   f"{ipu.replicas}; they must agree (the global batch depends on it)")
             self._local_replicas = pd.getNumLocalReplicas()
-            self.rank, self.world_size = pd.getInstanceIndex(), pd.getNumInstances()
-            init_host_group(self.rank, self.world_size)
+            init_host_group(pd.getInstanceIndex(), pd.getNumInstances())
+        self.optimizer = None
         self.options = None
         self.train_model = None
         self.infer_model = None
@@ -333,6 +334,10 @@ class IPUBackend(Backend):
     @property
     def batch_per_call(self) -> int:
         return self.micro_batch_size * self.gradient_accumulation * self.local_replicas * self.steps_per_call
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.recipe.train.eval_batch_size or self.micro_batch_size
 
     # -- setup ----------------------------------------------------------------------------
     def setup(self, model: nn.Module) -> None:
@@ -428,22 +433,28 @@ class IPUBackend(Backend):
         return ReadAhead(loader, None if mix else self.prepare, depth=ipu.buffer_size)
 
     # -- state ------------------------------------------------------------------------------
+    def _train_model_on_device(self) -> bool:
+        return self.train_model is not None and self.train_model.isCompiled() and self.train_model.isAttachedToDevice()
+
     def model_state_dict(self) -> Dict[str, torch.Tensor]:
         """fp32 timm-keyed weights read from the host model after copying them from the IPUs."""
-        if self.train_model is not None and self.train_model.isCompiled() and self.train_model.isAttachedToDevice():
+        if self._train_model_on_device():
             self.train_model.copyWeightsToHost()
-        return super().model_state_dict()
+        return full_weights(self.model)
 
-    def load_model_state_dict(self, sd: Dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(sd)           # copy_ casts fp32 -> the model's fp16
-        if self.train_model is not None and self.train_model.isCompiled() and self.train_model.isAttachedToDevice():
-            self.train_model.copyWeightsToDevice()
+    def save_state(self, path, extra: Dict[str, Any]):
+        return write_checkpoint(path, self.model_state_dict(), self.optimizer.state_dict(), extra, self.name)
 
-    def load_state(self, path):
+    def load_state(self, path, trust: bool = False) -> Dict[str, Any]:
         """Resume: weights and optimizer state as every backend, then the step (the device RNG
         seeds follow it) and a forgotten learning rate: the optimizer now holds the
         checkpoint's, so the next step writes its own and pushes it with setOptimizer."""
-        payload = super().load_state(path)
+        payload = read_checkpoint(path, trust, self.name)
+        self.model.load_state_dict(payload["model"])   # copy_ casts fp32 -> the model's fp16
+        if self._train_model_on_device():
+            self.train_model.copyWeightsToDevice()
+        if payload["optimizer"] is not None:
+            self.optimizer.load_state_dict(payload["optimizer"])
         self._step = int(payload.get("step", 0))
         self._lr = None
         return payload
@@ -454,5 +465,5 @@ class IPUBackend(Backend):
                 ex.destroy()
         self.infer_model = self.train_model = None
         self._on_device = None
-        if self.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        if distributed.is_distributed():
+            distributed.leave_process_group()

@@ -38,8 +38,9 @@ from typing import Any, Dict
 import torch
 
 from ..config import ConfigError, Recipe, batch_split
+from ..engine import distributed
 from ..engine.optim import set_lr
-from .base import StepResult, atomic_save, unwrap
+from .base import StepResult, unwrap, write_checkpoint
 
 # DeepSpeed prints its own progress every `steps_per_print` steps; the trainer logs instead.
 _NEVER = 2 ** 31 - 1
@@ -136,7 +137,7 @@ class DeepSpeedStrategy:
             raise ConfigError("fp16 with DeepSpeed needs a CUDA device (DeepSpeed refuses fp16 on CPU); "
                               "use precision bf16 or fp32")
         self.dtype = _DTYPES[self.precision]
-        self.config = deepspeed_config(backend.recipe, backend.world_size, backend.micro_batch_size,
+        self.config = deepspeed_config(backend.recipe, distributed.world_size(), backend.micro_batch_size,
                                        self.precision, backend.gradient_accumulation)
         _quiet(deepspeed)
         _init_process_group(deepspeed, backend.dist_backend())
@@ -170,10 +171,8 @@ class DeepSpeedStrategy:
         engine.train()
         set_lr(engine.optimizer, lr)
         total = torch.zeros((), device=b.device)      # summed on the device: one sync per step
-        for i in range(accum):
-            x = b.prepare(images[i * mb:(i + 1) * mb]).to(self.dtype)
-            y = labels[i * mb:(i + 1) * mb].to(b.device, non_blocking=True)
-            loss = b.loss_fn(engine(x), y)
+        for x, y in b.micro_batches(images, labels):
+            loss = b.loss_fn(engine(x.to(self.dtype)), y)
             # The unscaled micro-batch mean: engine.backward divides by the accumulation
             # steps itself (scale_wrt_gas), so dividing here too would shrink the gradient.
             engine.backward(loss)
@@ -220,25 +219,18 @@ class DeepSpeedStrategy:
         b = self.backend
         path = Path(path)
         ds_dir = deepspeed_dir(path)
-        if b.is_main and ds_dir.exists():
+        if distributed.is_main() and ds_dir.exists():
             shutil.rmtree(ds_dir)            # a half-written attempt at this step
-        b.barrier()
+        distributed.barrier()
         tag = path.stem
         self.engine.save_checkpoint(str(ds_dir), tag=tag, client_state=dict(extra), save_latest=True)
-        weights = self.model_state_dict()
-        if b.is_main:
-            payload = dict(extra)
-            if "vit_config" not in payload:
-                cfg = unwrap(self.engine.module).cfg.to_dict()
-                cfg.update(attn_impl="sdpa", norm_impl="torch", mlp_impl="torch")  # portable ops
-                payload["vit_config"] = cfg
-            payload.update({"format": "vit-accel-train", "model": weights, "optimizer": None,
-                            "backend": b.name, "deepspeed": {"dir": ds_dir.name, "tag": tag,
-                                                             "zero_stage": self.zero_stage,
-                                                             "world_size": b.world_size}})
-            atomic_save(payload, path)
-        b.barrier()
-        return path
+        extra = dict(extra, deepspeed={"dir": ds_dir.name, "tag": tag, "zero_stage": self.zero_stage,
+                                       "world_size": distributed.world_size()})
+        if "vit_config" not in extra:
+            cfg = unwrap(self.engine.module).cfg.to_dict()
+            cfg.update(attn_impl="sdpa", norm_impl="torch", mlp_impl="torch")  # portable ops
+            extra["vit_config"] = cfg
+        return write_checkpoint(path, self.model_state_dict(), None, extra, b.name)
 
     def load_state(self, path) -> Dict[str, Any]:
         """Resume model, optimizer and loss scale from ``PATH.ds/``; returns the saved ``extra``."""

@@ -42,11 +42,10 @@ def check_ema_backend(recipe: Any, backend_name: str) -> None:
 
 
 def ema_parameters(backend: Any) -> "OrderedDict[str, torch.Tensor]":
-    """The trained weights the EMA follows (the DeepSpeed engine's module under ZeRO 0-2)."""
+    """The trained weights the EMA follows (under ZeRO 0-2 the DeepSpeed engine trains this same module)."""
     from ..backends.base import unwrap
 
-    strategy = getattr(backend, "strategy", None)
-    module = strategy.engine.module if strategy is not None else unwrap(backend.model)
+    module = unwrap(backend.model)
     return OrderedDict((n, p) for n, p in module.named_parameters())
 
 
