@@ -541,7 +541,7 @@ def run_plan_command(args) -> int:
     from ..config import load_recipe
 
     from ..data import DataError
-    from ..engine.schedule import format_schedule, plot_lr, schedule_plan
+    from ..engine.plan import format_schedule, plot_lr, schedule_plan
 
     try:
         recipe = load_recipe(args.config, args.set)
