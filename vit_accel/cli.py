@@ -21,7 +21,7 @@ EXTERNAL_COMMANDS = [
     ("vit_accel.checkpoints", "add_inspect_parser"),
     ("vit_accel.data", "add_make_shards_parser"),
     ("vit_accel.data", "add_bench_data_parser"),
-    ("vit_accel.backends.pipeline", "add_plan_parser"),
+    ("vit_accel.backends.pipeline_report", "add_plan_parser"),
     ("vit_accel.bench", "add_bench_parser"),
 ]
 
