@@ -18,8 +18,8 @@ Design choices:
   * Softmax statistics (running max, sum, log-sum-exp) are fp32 whatever the input dtype;
     the exponent is base 2 (exp2 is one instruction) with log2(e) folded into the scale.
     Forward saves lse (natural log, fp32, shape (B, H, Nq)) for the backward.
-  * Backward = two kernels, no atomics (so bf16 gradients need no fp32 scratch): one
-    program per query block accumulates dQ over all key blocks and, on the way, writes
+  * Backward = two launches of one kernel, a constexpr (DKDV) choosing the pass, no atomics
+    (so bf16 gradients need no fp32 scratch): one program per query block accumulates dQ over all key blocks and, on the way, writes
     delta = rowsum(dO * O) (the usual preprocess pass, folded in); then one program per
     key block accumulates dK, dV over all query blocks. P is recomputed from q, k and
     lse, never stored: memory stays O(N), not O(N^2).
@@ -83,8 +83,9 @@ def _by_dtype(fp32_configs):
 _AUTOTUNE_KEY = ["N_Q", "N_KV", "HEAD_DIM"]
 
 
-# Both backward kernels tune over the same tiles (each gets its own Autotuner and cache).
-_bwd_autotune = triton.autotune(configs=_BWD_CONFIGS + _BWD_FP32_CONFIGS, key=_AUTOTUNE_KEY,
+# Both backward passes tune over the same tiles; the pass (DKDV) is part of the key, so each
+# keeps its own choice.
+_bwd_autotune = triton.autotune(configs=_BWD_CONFIGS + _BWD_FP32_CONFIGS, key=_AUTOTUNE_KEY + ["DKDV"],
                                 prune_configs_by={"early_config_prune": _by_dtype(_BWD_FP32_CONFIGS)})
 
 
@@ -109,6 +110,17 @@ def _load(ptrs, mask, UPCAST: tl.constexpr):
     if UPCAST:  # bf16 arithmetic under the interpreter needs fp32 (see the launcher)
         x = x.to(tl.float32)
     return x
+
+
+@triton.jit
+def _kv_scores(q, k_ptrs, v_ptrs, cols, mask_d, N_KV, qk_scale, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """A (keys, head_dim) tile of K and of V at rows ``cols`` (rows past N_KV read as zeros) and
+    the scaled scores q @ k^T (log2 units) -> (k, v, scores, key mask)."""
+    mask_n = cols < N_KV
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    k = _load(k_ptrs, kv_mask, UPCAST)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    return k, _load(v_ptrs, kv_mask, UPCAST), s, mask_n
 
 
 @triton.autotune(configs=_FWD_CONFIGS + _FWD_FP32_CONFIGS, key=_AUTOTUNE_KEY,
@@ -138,14 +150,9 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, N_KV, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < N_KV
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = _load(k_ptrs, kv_mask, UPCAST)
-        v = _load(v_ptrs, kv_mask, UPCAST)
+        k, v, s, mask_n = _kv_scores(q, k_ptrs, v_ptrs, start_n + offs_n, mask_d, N_KV, qk_scale, UPCAST, PRECISION)
         k_ptrs += BLOCK_N * skn
         v_ptrs += BLOCK_N * svn
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         # Every key block holds at least one real key, so the row max stays finite.
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -164,108 +171,94 @@ def _attn_fwd_kernel(
 
 @_bwd_autotune
 @triton.jit
-def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+def _attn_bwd_kernel(
+    Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd, sgb, sgh, sgn, sgd,
     H, N_Q, N_KV, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, DKDV: tl.constexpr,
 ):
-    # One program owns BLOCK_N keys and sweeps every query block, so dK and dV are
-    # written once, with no atomics. Work is laid out transposed ((keys, queries) tiles)
-    # to keep the products in the natural orientation.
-    pid_n, pid_bh, off_b, off_h = _program_tile(N_KV, BLOCK_N, H)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    """One of the two backward passes, chosen at compile time (each tunes and compiles apart).
+
+    DKDV=False, the dQ pass, runs first: a program owns BLOCK_M queries and sweeps every key
+    block (P recomputed), and also writes delta_i = sum_d dO_id * O_id (the softmax-Jacobian
+    term) for its queries: no separate preprocess. DKDV=True: a program owns BLOCK_N keys and
+    sweeps every query block, reading delta, so dK and dV are written once, with no atomics.
+    The tensors a pass writes are fresh and contiguous, so one set of strides (sg*) serves them:
+    dQ's (and O's, our own output shaped like dQ) in the dQ pass, dK's and dV's in the other.
+    """
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    kv_mask = (offs_n[:, None] < N_KV) & mask_d[None, :]
-    k = _load(_tile_ptrs(K, off_b, off_h, offs_n, offs_d, skb, skh, skn, skd), kv_mask, UPCAST)
-    v = _load(_tile_ptrs(V, off_b, off_h, offs_n, offs_d, svb, svh, svn, svd), kv_mask, UPCAST)
-    q_ptrs = _tile_ptrs(Q, off_b, off_h, offs_m, offs_d, sqb, sqh, sqn, sqd)
-    do_ptrs = _tile_ptrs(DO, off_b, off_h, offs_m, offs_d, sdb, sdh, sdn, sdd)
-    stat_base = pid_bh.to(tl.int64) * N_Q
+    if DKDV:
+        # Work is laid out transposed ((keys, queries) tiles) to keep the products in the natural orientation.
+        pid_n, pid_bh, off_b, off_h = _program_tile(N_KV, BLOCK_N, H)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        kv_mask = (offs_n[:, None] < N_KV) & mask_d[None, :]
+        k = _load(_tile_ptrs(K, off_b, off_h, offs_n, offs_d, skb, skh, skn, skd), kv_mask, UPCAST)
+        v = _load(_tile_ptrs(V, off_b, off_h, offs_n, offs_d, svb, svh, svn, svd), kv_mask, UPCAST)
+        q_ptrs = _tile_ptrs(Q, off_b, off_h, offs_m, offs_d, sqb, sqh, sqn, sqd)
+        do_ptrs = _tile_ptrs(DO, off_b, off_h, offs_m, offs_d, sdb, sdh, sdn, sdd)
+        stat_base = pid_bh.to(tl.int64) * N_Q
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start_m in range(0, N_Q, BLOCK_M):
-        rows = start_m + offs_m
-        mask_m = rows < N_Q
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for start_m in range(0, N_Q, BLOCK_M):
+            rows = start_m + offs_m
+            mask_m = rows < N_Q
+            q_mask = mask_m[:, None] & mask_d[None, :]
+            q = _load(q_ptrs, q_mask, UPCAST)
+            do = _load(do_ptrs, q_mask, UPCAST)
+            q_ptrs += BLOCK_M * sqn
+            do_ptrs += BLOCK_M * sdn
+            lse2 = tl.load(LSE + stat_base + rows, mask=mask_m, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + stat_base + rows, mask=mask_m, other=0.0)
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (keys, queries)
+            p_t = tl.math.exp2(s_t - lse2[None, :])
+            p_t = tl.where(mask_m[None, :], p_t, 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+
+        dk = dk * sm_scale
+        g_offs = _tile_ptrs(0, off_b, off_h, offs_n, offs_d, sgb, sgh, sgn, sgd)
+        tl.store(DK + g_offs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + g_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    else:
+        pid_m, pid_bh, off_b, off_h = _program_tile(N_Q, BLOCK_M, H)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_m = offs_m < N_Q
         q_mask = mask_m[:, None] & mask_d[None, :]
-        q = _load(q_ptrs, q_mask, UPCAST)
-        do = _load(do_ptrs, q_mask, UPCAST)
-        q_ptrs += BLOCK_M * sqn
-        do_ptrs += BLOCK_M * sdn
-        lse2 = tl.load(LSE + stat_base + rows, mask=mask_m, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + stat_base + rows, mask=mask_m, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (keys, queries)
-        p_t = tl.math.exp2(s_t - lse2[None, :])
-        p_t = tl.where(mask_m[None, :], p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        q = tl.load(_tile_ptrs(Q, off_b, off_h, offs_m, offs_d, sqb, sqh, sqn, sqd), mask=q_mask, other=0.0)
+        do = tl.load(_tile_ptrs(DO, off_b, off_h, offs_m, offs_d, sdb, sdh, sdn, sdd), mask=q_mask, other=0.0)
+        o = tl.load(_tile_ptrs(O, off_b, off_h, offs_m, offs_d, sgb, sgh, sgn, sgd), mask=q_mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        stat_base = pid_bh.to(tl.int64) * N_Q
+        tl.store(DELTA + stat_base + offs_m, delta, mask=mask_m)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse2 = tl.load(LSE + stat_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+        k_ptrs = _tile_ptrs(K, off_b, off_h, offs_n, offs_d, skb, skh, skn, skd)
+        v_ptrs = _tile_ptrs(V, off_b, off_h, offs_n, offs_d, svb, svh, svn, svd)
 
-    dk = dk * sm_scale
-    # dK and dV are fresh contiguous tensors of one shape: one set of strides (sg*).
-    g_offs = _tile_ptrs(0, off_b, off_h, offs_n, offs_d, sgb, sgh, sgn, sgd)
-    tl.store(DK + g_offs, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + g_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(0, N_KV, BLOCK_N):
+            k, v, s, mask_n = _kv_scores(q, k_ptrs, v_ptrs, start_n + offs_n, mask_d, N_KV, qk_scale, UPCAST,
+                                         PRECISION)
+            k_ptrs += BLOCK_N * skn
+            v_ptrs += BLOCK_N * svn
+            p = tl.math.exp2(s - lse2[:, None])
+            p = tl.where(mask_n[None, :], p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
-
-@_bwd_autotune
-@triton.jit
-def _attn_bwd_dq_kernel(
-    Q, K, V, O, DO, LSE, DELTA, DQ,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd, sgb, sgh, sgn, sgd,
-    H, N_Q, N_KV, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    # One program owns BLOCK_M queries and sweeps every key block (P recomputed once more).
-    # It runs first and also writes delta_i = sum_d dO_id * O_id (the softmax-Jacobian
-    # term) for its queries, which the dK/dV kernel then reads: no separate preprocess.
-    pid_m, pid_bh, off_b, off_h = _program_tile(N_Q, BLOCK_M, H)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    mask_m = offs_m < N_Q
-    q_mask = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(_tile_ptrs(Q, off_b, off_h, offs_m, offs_d, sqb, sqh, sqn, sqd), mask=q_mask, other=0.0)
-    do = tl.load(_tile_ptrs(DO, off_b, off_h, offs_m, offs_d, sdb, sdh, sdn, sdd), mask=q_mask, other=0.0)
-    # O is our own contiguous output, shaped like dQ: it shares dQ's strides (sg*).
-    o = tl.load(_tile_ptrs(O, off_b, off_h, offs_m, offs_d, sgb, sgh, sgn, sgd), mask=q_mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    stat_base = pid_bh.to(tl.int64) * N_Q
-    tl.store(DELTA + stat_base + offs_m, delta, mask=mask_m)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    lse2 = tl.load(LSE + stat_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
-    # Tile pointers are built once and advanced by BLOCK_N rows per step (cheap on a GPU,
-    # and far fewer integer ops for the interpreter).
-    k_ptrs = _tile_ptrs(K, off_b, off_h, offs_n, offs_d, skb, skh, skn, skd)
-    v_ptrs = _tile_ptrs(V, off_b, off_h, offs_n, offs_d, svb, svh, svn, svd)
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, N_KV, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < N_KV
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = _load(k_ptrs, kv_mask, UPCAST)
-        v = _load(v_ptrs, kv_mask, UPCAST)
-        k_ptrs += BLOCK_N * skn
-        v_ptrs += BLOCK_N * svn
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.math.exp2(s - lse2[:, None])
-        p = tl.where(mask_n[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-
-    dq = dq * sm_scale
-    tl.store(_tile_ptrs(DQ, off_b, off_h, offs_m, offs_d, sgb, sgh, sgn, sgd), dq.to(DQ.dtype.element_ty), mask=q_mask)
+        dq = dq * sm_scale
+        tl.store(_tile_ptrs(DQ, off_b, off_h, offs_m, offs_d, sgb, sgh, sgn, sgd), dq.to(DQ.dtype.element_ty),
+                 mask=q_mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -342,16 +335,14 @@ def flash_attention_bwd(do, q, k, v, out, lse, softmax_scale):
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     common = dict(HEAD_DIM=d, BLOCK_D=block_d, UPCAST=upcast, PRECISION=precision)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    # Order matters: the dQ kernel writes delta, which the dK/dV kernel reads.
+    tensors = (q, k, v, out, do, lse, delta, dq, dk, dv, *q.stride(), *k.stride(), *v.stride(), *do.stride())
+    scalars = (h, n_q, n_kv, softmax_scale * LOG2E, softmax_scale)
+    # Order matters: the dQ pass writes delta, which the dK/dV pass reads. The sg* strides are
+    # dQ's (and O's) in the first pass, dK's and dV's in the second.
     grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * b * h,)  # noqa: E731
-    _attn_bwd_dq_kernel[grid_q](
-        q, k, v, out, do, lse, delta, dq, *strides, *dq.stride(),
-        h, n_q, n_kv, softmax_scale * LOG2E, softmax_scale, **common)
+    _attn_bwd_kernel[grid_q](*tensors, *dq.stride(), *scalars, DKDV=False, **common)
     grid_kv = lambda meta: (triton.cdiv(n_kv, meta["BLOCK_N"]) * b * h,)  # noqa: E731
-    _attn_bwd_dkdv_kernel[grid_kv](
-        q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(),
-        h, n_q, n_kv, softmax_scale * LOG2E, softmax_scale, **common)
+    _attn_bwd_kernel[grid_kv](*tensors, *dk.stride(), *scalars, DKDV=True, **common)
     return dq, dk, dv
 
 

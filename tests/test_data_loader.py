@@ -11,7 +11,7 @@ from PIL import Image
 
 from vit_accel.data import (DataError, ResumeMismatch, build_eval_loader, build_train_loader, resolve_shards,
                             write_shards)
-from vit_accel.data.loader import EvalLoader, TrainLoader
+from vit_accel.data import EvalLoader, TrainLoader
 from vit_accel.data.shards import SourceSample
 
 IMG = 16

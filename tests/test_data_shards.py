@@ -14,7 +14,7 @@ from PIL import Image
 from vit_accel.data import (DataError, add_bench_data_parser, add_make_shards_parser, ensure_digits, read_manifest,
                             resolve_shards, verify_manifest)
 from vit_accel.data.reader import iter_records
-from vit_accel.data.loader import EvalLoader, TrainLoader
+from vit_accel.data import EvalLoader, TrainLoader
 
 
 def _save(path, seed, fmt="JPEG", size=(36, 28)):

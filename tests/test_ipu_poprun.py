@@ -22,7 +22,7 @@ import poptorch_double
 from vit_accel.backends.ipu import IPUBackend
 from vit_accel.config import ConfigError, load_recipe
 from vit_accel.data.digits import ensure_digits
-from vit_accel.data.loader import EvalLoader
+from vit_accel.data import EvalLoader
 from vit_accel.data.reader import resolve_shards
 from vit_accel.engine.trainer import list_checkpoints
 from vit_accel.model import ViTConfig, ViT

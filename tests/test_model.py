@@ -191,6 +191,52 @@ def test_triton_ops_match_torch_ops():
         torch.testing.assert_close(tri(x), ref(x), atol=1e-5, rtol=1e-5)
 
 
+def test_triton_ops_are_recorded_on_the_modules():
+    ok, why = _kernels_importable()
+    if not ok:
+        pytest.skip(why)
+    m = create_vit("vit-ti16", attn_impl="triton", norm_impl="torch", mlp_impl="triton", **TINY)
+    blk = m.blocks[0]
+    assert (blk.attn.impl, blk.norm1.impl, blk.mlp.impl) == ("triton", "torch", "triton")
+    assert "impl=triton" in repr(blk.attn) and "impl=torch" in repr(blk.norm1)
+
+
+def _without_triton_device(monkeypatch):
+    """This process as one with neither a CUDA device nor the interpreter (the kernels read
+    TRITON_INTERPRET once, at import: their flag is what decides)."""
+    mods = [importlib.import_module("vit_accel_kernels." + m) for m in ("attention", "layer_norm", "bias_gelu")]
+    for mod in mods:
+        monkeypatch.setattr(mod, "INTERPRETING", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.mark.parametrize("op,portable", [("attn_impl", "sdpa"), ("norm_impl", "torch"), ("mlp_impl", "torch")])
+def test_triton_where_it_cannot_run_is_an_error_at_construction(monkeypatch, op, portable):
+    ok, why = _kernels_importable()
+    if not ok:
+        pytest.skip(why)
+    _without_triton_device(monkeypatch)
+    with pytest.raises(ValueError, match=f"{op}='triton' needs a CUDA device .* choose {op}='{portable}'") as e:
+        create_vit("vit-ti16", **{op: "triton"}, **TINY)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("op,launcher", [("attn_impl", "flash_attention"), ("norm_impl", "layer_norm"),
+                                         ("mlp_impl", "bias_gelu")])
+def test_triton_model_fed_cpu_tensors_without_interpreter_fails_in_the_launcher(monkeypatch, op, launcher):
+    """Built where the kernels run, then given CPU tensors where they cannot: the launcher says so
+    (no silent switch to the torch ops)."""
+    ok, why = _kernels_importable()
+    if not ok:
+        pytest.skip(why)
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    tri = create_vit("vit-ti16", **{op: "triton"}, **TINY).eval()
+    _without_triton_device(monkeypatch)
+    with pytest.raises(ValueError, match=f"{launcher}: tensors must be on a CUDA device"):
+        tri(torch.randn(1, 3, 32, 32))
+
+
 # ----------------------------------------------------------------------------- stochastic depth
 
 def test_drop_path_unit():

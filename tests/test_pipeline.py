@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from vit_accel.config import ConfigError, Recipe, load_recipe
 from vit_accel.backends import pipeline as pl
+from vit_accel.backends import pipeline_cost as cost
+from vit_accel.backends.pipeline_report import plan_report
 from vit_accel.backends.pipeline_run import emulate_pipeline_step, stage_modules
 from vit_accel.model import count_macs, create_vit, vit_config
 
@@ -67,13 +69,13 @@ def test_unknown_module_lists_the_valid_ones():
 def test_analytic_counts_match_the_model():
     for cfg_kw in (dict(), dict(representation_size=24, qkv_bias=False), dict(num_classes=0)):
         m = tiny(**cfg_kw)
-        by = pl.module_params(m.cfg)
+        by = cost.module_params(m.cfg)
         assert sum(by.values()) == m.num_params()
         for name in ("patch_embed", "blocks.1", "norm", "head"):
             own = sum(p.numel() for k, p in m.named_parameters() if pl.module_of_param(k) == name)
             assert own == by[name], name
-        assert sum(pl.module_macs(m.cfg).values()) == count_macs(m.cfg)
-    assert sum(pl.module_params(vit_config("vit-b16")).values()) == 86_567_656   # timm's count
+        assert sum(cost.module_macs(m.cfg).values()) == count_macs(m.cfg)
+    assert sum(cost.module_params(vit_config("vit-b16")).values()) == 86_567_656   # timm's count
 
 
 def _all_splits(cfg, n, cm):
@@ -81,27 +83,27 @@ def _all_splits(cfg, n, cm):
         b = (0,) + cuts + (cfg.depth,)
         layers = [y - x for x, y in zip(b, b[1:])]
         plan = pl.plan_from_layers(layers, cfg.depth, n)
-        ests = pl.estimate_plan(plan, cfg, cm)
+        ests = cost.estimate_plan(plan, cfg, cm)
         yield layers, ests
 
 
 def test_auto_split_minimizes_the_worst_stage():
     cfg = vit_config("vit-s16", depth=9)
-    cm = pl.CostModel(micro_batch=32)
+    cm = cost.CostModel(micro_batch=32)
     auto = pl.auto_plan(cfg, 3, cm)
     assert auto.source == "auto" and sum(auto.layers_per_stage) == 9
 
     def worst(ests, ref_mem, ref_flops):
         return max(max(e.total_bytes / ref_mem, e.gflop_per_micro_batch / ref_flops) for e in ests)
 
-    even = pl.estimate_plan(pl.plan_from_layers([3, 3, 3], 9, 3), cfg, cm)
+    even = cost.estimate_plan(pl.plan_from_layers([3, 3, 3], 9, 3), cfg, cm)
     ref_mem = sum(e.total_bytes for e in even) / 3
     ref_flops = sum(e.gflop_per_micro_batch for e in even) / 3
-    got = worst(pl.estimate_plan(auto, cfg, cm), ref_mem, ref_flops)
+    got = worst(cost.estimate_plan(auto, cfg, cm), ref_mem, ref_flops)
     best = min(worst(ests, ref_mem, ref_flops) for _, ests in _all_splits(cfg, 3, cm))
     assert got == pytest.approx(best)
     # memory pressure (many in-flight stashes on the first stage) moves blocks off it
-    heavy = pl.auto_plan(cfg, 3, pl.CostModel(micro_batch=512, recompute=False))
+    heavy = pl.auto_plan(cfg, 3, cost.CostModel(micro_batch=512, recompute=False))
     assert heavy.layers_per_stage[0] < heavy.layers_per_stage[-1]
 
 
@@ -109,7 +111,7 @@ def test_auto_split_recipes():
     assert pl.build_plan(load_recipe("vit-b16-ft", ["ipu.auto_split=true"])).layers_per_stage == [3, 3, 3, 3]
     for n in (4, 8):
         r = load_recipe("vit-b16-ft", ["model.name=vit-l16", "ipu.auto_split=true", f"ipu.ipus_per_replica={n}"])
-        rep = pl.plan_report(r)
+        rep = plan_report(r)
         assert sum(pl.build_plan(r).layers_per_stage) == 24 and len(rep["estimates"]) == n
         assert rep["imbalance"]["memory"] >= 1.0 and rep["batch"]["ipus_total"] == 4 * n
     with pytest.raises(ConfigError, match="auto split: 16 devices for 12 blocks"):
@@ -118,16 +120,16 @@ def test_auto_split_recipes():
 
 def test_memory_estimate_follows_the_recipe():
     r = load_recipe("vit-b16-ft")
-    base = pl.plan_report(r)["estimates"]
+    base = plan_report(r)["estimates"]
     # 3 blocks of fp16 weights, fp16 accumulator and fp16 velocity on a middle IPU
-    assert base[1]["weights_bytes"] == 3 * pl.module_params(pl.model_config(r))["blocks.0"] * 2
+    assert base[1]["weights_bytes"] == 3 * cost.module_params(pl.model_config(r))["blocks.0"] * 2
     assert base[1]["optimizer_bytes"] == 2 * base[1]["weights_bytes"]
     assert base[0]["activation_bytes"] > base[3]["activation_bytes"]      # 7 vs 1 micro-batches in flight
-    fp32 = pl.plan_report(load_recipe("vit-b16-ft", ["ipu.velocity_accum_type=float"]))["estimates"]
+    fp32 = plan_report(load_recipe("vit-b16-ft", ["ipu.velocity_accum_type=float"]))["estimates"]
     assert fp32[1]["optimizer_bytes"] == base[1]["optimizer_bytes"] * 3 // 2
-    off = pl.plan_report(load_recipe("vit-b16-ft", ["ipu.optimizer_location=off_chip"]))["estimates"]
+    off = plan_report(load_recipe("vit-b16-ft", ["ipu.optimizer_location=off_chip"]))["estimates"]
     assert off[1]["optimizer_bytes"] == base[1]["optimizer_bytes"] // 2     # only the accumulator stays
-    no_rc = pl.plan_report(load_recipe("vit-b16-ft", ["ipu.recompute=none"]))["estimates"]
+    no_rc = plan_report(load_recipe("vit-b16-ft", ["ipu.recompute=none"]))["estimates"]
     assert no_rc[0]["activation_bytes"] > 3 * base[0]["activation_bytes"]
     assert no_rc[0]["gflop_per_micro_batch"] == pytest.approx(base[0]["gflop_per_micro_batch"] * 3 / 4)
 

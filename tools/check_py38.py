@@ -17,9 +17,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 IPU_PATH = ["vit_accel/__init__.py", "vit_accel/__main__.py", "vit_accel/model.py", "vit_accel/hybrid.py",
-            "vit_accel/config.py",
+            "vit_accel/config.py", "vit_accel/errors.py",
             "vit_accel/cli.py", "vit_accel/backends/__init__.py",
-            "vit_accel/backends/base.py", "vit_accel/backends/pipeline.py", "vit_accel/backends/pipeline_run.py",
+            "vit_accel/backends/base.py", "vit_accel/backends/pipeline.py", "vit_accel/backends/pipeline_cost.py",
+            "vit_accel/backends/pipeline_report.py", "vit_accel/backends/pipeline_run.py",
             "vit_accel/backends/ipu.py", "vit_accel/backends/ipu_feed.py"]
 IPU_DIRS = ["vit_accel/checkpoints", "vit_accel/data", "vit_accel/engine"]
 

@@ -71,13 +71,25 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 KERNELS = {
     "attn_fwd": attention._attn_fwd_kernel,
-    "attn_bwd_dq": attention._attn_bwd_dq_kernel,
-    "attn_bwd_dkdv": attention._attn_bwd_dkdv_kernel,
+    "attn_bwd_dq": attention._attn_bwd_kernel,
+    "attn_bwd_dkdv": attention._attn_bwd_kernel,
     "ln_fwd": layer_norm._layer_norm_fwd_kernel,
     "ln_bwd": layer_norm._layer_norm_bwd_kernel,
     "gelu_fwd": bias_gelu._bias_gelu_fwd_kernel,
     "gelu_bwd": bias_gelu._bias_gelu_bwd_kernel,
 }
+# Labels that name one pass of a kernel serving two: (constexpr, its value in that pass).
+PASSES = {"attn_bwd_dq": ("DKDV", False), "attn_bwd_dkdv": ("DKDV", True)}
+
+
+def label_of(kernel, kwargs) -> str:
+    """The label of one launch: its kernel's, or its pass's where one kernel serves two."""
+    for label, k in KERNELS.items():
+        if k is kernel and (label not in PASSES or kwargs.get(PASSES[label][0]) == PASSES[label][1]):
+            return label
+    raise KeyError("a launch of %s matches no label" % kernel)
+
+
 # (label, batch, heads, seq, head_dim): the models' attention shapes (batch only sets strides)
 ATTENTION_SHAPES = [("vit-b16 224", 2, 12, 197, 64), ("vit-l16 384", 2, 16, 577, 64),
                     ("vit-h14 224", 2, 16, 257, 80), ("vit-s16 d32", 2, 12, 197, 32), ("d128", 2, 8, 197, 128)]
@@ -89,15 +101,15 @@ def recording():
     """Replace each kernel's run() with a recorder: launchers then queue (label, args, kwargs)
     instead of launching."""
     launches = []
-    saved = {}
-    for label, kernel in KERNELS.items():
-        saved[label] = kernel.run
-        kernel.run = (lambda lb: lambda *args, **kwargs: launches.append((lb, args, kwargs)))(label)
+    kernels = list({id(k): k for k in KERNELS.values()}.values())
+    saved = [k.run for k in kernels]
+    for kernel in kernels:
+        kernel.run = (lambda kn: lambda *args, **kwargs: launches.append((label_of(kn, kwargs), args, kwargs)))(kernel)
     try:
         yield launches
     finally:
-        for label, kernel in KERNELS.items():
-            kernel.run = saved[label]
+        for kernel, run in zip(kernels, saved):
+            kernel.run = run
 
 
 def launches(quick: bool):

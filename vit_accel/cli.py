@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .config import ConfigError, find_config, list_configs, load_recipe
+from .errors import InputError
 
 # (module, function) pairs that register sub-commands living beside their code
 EXTERNAL_COMMANDS = [
@@ -20,7 +21,7 @@ EXTERNAL_COMMANDS = [
     ("vit_accel.checkpoints", "add_inspect_parser"),
     ("vit_accel.data", "add_make_shards_parser"),
     ("vit_accel.data", "add_bench_data_parser"),
-    ("vit_accel.backends.pipeline", "add_plan_parser"),
+    ("vit_accel.backends.pipeline_report", "add_plan_parser"),
     ("vit_accel.bench", "add_bench_parser"),
 ]
 
@@ -58,7 +59,7 @@ def cmd_eval(args) -> int:
     recipe = _load_for_backend(args)
     from .backends import create_backend
     from .checkpoints import load_pretrained
-    from .engine.trainer import _with_shards, build_model, data_specs, evaluate
+    from .engine.trainer import build_model, evaluate
     from .data import build_eval_loader
 
     backend = create_backend(args.backend, recipe)
@@ -75,12 +76,7 @@ def cmd_eval(args) -> int:
             print(f"evaluating the EMA weights ({updates} updates)")
     backend.setup(model)
     # evaluation needs only the validation split (the bundled digits write both on first use)
-    val_spec = data_specs(recipe)[1] if recipe.data.source == "digits" else recipe.data.val_shards
-    if not val_spec:
-        raise ConfigError("data.val_shards is empty: point it at webdataset shards "
-                          "(--set data.val_shards=/path/val-{000000..000063}.tar)")
-    cfg = _with_shards(recipe, "", val_spec)
-    loader = build_eval_loader(cfg, recipe.model.img_size, backend.eval_batch_size,
+    loader = build_eval_loader(recipe.data, recipe.model.img_size, backend.eval_batch_size,
                                rank=backend.rank, world_size=backend.world_size)
     res = evaluate(backend, recipe, loader)
     if backend.is_main:
@@ -255,11 +251,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("vit-accel: interrupted; resume with --resume auto --run-dir RUN_DIR", file=sys.stderr)
         return 130
-    except Exception as e:  # errors our own modules raise for bad input carry a clear message
-        if type(e).__name__ in ("CheckpointError", "DataError"):
-            print(f"vit-accel: error: {e}", file=sys.stderr)
-            return 2
-        raise
+    except InputError as e:  # a checkpoint or data a rank cannot use: every rank says why
+        print(f"vit-accel: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

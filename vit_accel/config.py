@@ -15,9 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A recipe that cannot run, with a message that says what to change."""
+from .errors import ConfigError  # noqa: F401  (defined beside the other user errors)
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ No device code lives here. Python 3.8 / torch 2.0 compatible (the IPU path impor
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, Optional, Tuple
 
@@ -135,16 +134,22 @@ def vit_config(name: str, **overrides) -> ViTConfig:
     return ViTConfig(**base)
 
 
-def _kernel(module: str):
-    """Import a Triton kernel module, or explain why the 'triton' op choice cannot work here."""
-    try:
-        import importlib
+def _kernel(module: str, option: str, portable: str):
+    """The Triton kernel module for an op chosen as 'triton', or an error saying what to choose
+    instead: the kernels run on a CUDA device, or on the CPU under TRITON_INTERPRET=1."""
+    import importlib
 
-        return importlib.import_module("vit_accel_kernels." + module)
+    try:
+        mod = importlib.import_module("vit_accel_kernels." + module)
     except ImportError as e:  # triton missing, or kernels not installed
         raise NotImplementedError(
-            f"the 'triton' implementation needs the kernels package and triton ({e}); "
-            "install vit-accel with the [gpu] extra, or choose the torch ops") from e
+            f"{option}='triton' needs the kernels package and triton ({e}); "
+            f"install vit-accel with the [gpu] extra, or choose {option}='{portable}'") from e
+    if not (torch.cuda.is_available() or getattr(mod, "INTERPRETING", False)):
+        raise ValueError(
+            f"{option}='triton' needs a CUDA device (or TRITON_INTERPRET=1 set before the kernels are "
+            f"imported) and this process has neither; choose {option}='{portable}' to run on the CPU")
+    return mod
 
 
 # ---------------------------------------------------------------------------------------
@@ -175,21 +180,18 @@ class LayerNorm(nn.LayerNorm):
     def __init__(self, dim: int, eps: float, impl: str = "torch"):
         super().__init__(dim, eps=eps)
         self.impl = impl
-        self._k = _kernel("layer_norm") if impl == "triton" else None
+        self._k = _kernel("layer_norm", "norm_impl", "torch") if impl == "triton" else None
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, impl={self.impl}"
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
-        if self._k is not None and _use_kernel(x):
+        if self._k is not None:
             return self._k.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
         if residual is None:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         h = x + residual
         return F.layer_norm(h, self.normalized_shape, self.weight, self.bias, self.eps), h
-
-
-def _use_kernel(x: torch.Tensor) -> bool:
-    """Triton kernels run on CUDA tensors, or anywhere under the interpreter; elsewhere the
-    kernel module's own torch reference is the CPU path (same function, same parameters)."""
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class PatchEmbed(nn.Module):
@@ -228,7 +230,10 @@ class Attention(nn.Module):
             if cfg.attn_drop_rate > 0:
                 raise ValueError("attn_impl='triton' has no attention-probability dropout; "
                                  "set attn_drop_rate=0 or use attn_impl='sdpa'")
-            self._k = _kernel("attention")
+            self._k = _kernel("attention", "attn_impl", "sdpa")
+
+    def extra_repr(self) -> str:
+        return f"impl={self.impl}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
@@ -241,10 +246,8 @@ class Attention(nn.Module):
         elif self.impl == "sdpa":
             p = self.attn_drop.p if self.training else 0.0
             x = F.scaled_dot_product_attention(self._rescale(q), k, v, dropout_p=p)
-        elif _use_kernel(q):
-            x = self._k.flash_attention(q, k, v, softmax_scale=self.scale)
         else:
-            x = F.scaled_dot_product_attention(self._rescale(q), k, v)
+            x = self._k.flash_attention(q, k, v, softmax_scale=self.scale)
         x = x.transpose(1, 2).reshape(B, N, D)
         return self.proj_drop(self.proj(x))
 
@@ -261,10 +264,13 @@ class Mlp(nn.Module):
         self.act = nn.GELU(approximate=cfg.gelu_approximate)
         self.fc2 = nn.Linear(cfg.mlp_hidden, cfg.width)
         self.drop = nn.Dropout(cfg.drop_rate)
-        self._k = _kernel("bias_gelu") if self.impl == "triton" else None
+        self._k = _kernel("bias_gelu", "mlp_impl", "torch") if self.impl == "triton" else None
+
+    def extra_repr(self) -> str:
+        return f"impl={self.impl}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._k is not None and _use_kernel(x):
+        if self._k is not None:
             # fc1 without its bias; the bias add is fused into the GELU kernel
             x = self._k.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias, approximate=self.approximate)
         else:

@@ -17,13 +17,14 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..errors import InputError
 from .formats import DECODE, FORMATS, detect, hf_to_timm
 from .npz import npz_to_timm
 
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError, ValueError):
     """A file that is no usable ViT checkpoint, or does not fit the model."""
 
 

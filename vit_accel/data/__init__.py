@@ -2,6 +2,7 @@
 
     build_train_loader(cfg, img_size, batch_size, seed, rank, world_size) -> TrainLoader
     build_eval_loader(cfg, img_size, batch_size, rank, world_size)        -> EvalLoader
+    shard_specs(cfg) -> (train, val)                                      the shards a recipe names
     normalize(images_uint8, mean, std, dtype)                             device-side op
     SampleAugment(...), BatchMix(...)                                     augmentations (augment.py)
     ensure_digits(root)                                                   the embedded default data
@@ -14,16 +15,19 @@ from __future__ import annotations
 from .augment import BatchMix, SampleAugment
 from .bench import add_bench_data_parser
 from .digits import ensure_digits
-from .loader import (BAD_SAMPLE_GRACE, BadSampleStats, EvalLoader, TrainLoader, build_eval_loader,
-                     build_train_loader, too_many_bad)
+from .eval_loader import EvalLoader
+from .loader import TrainLoader
+from .make_shards import add_make_shards_parser
 from .reader import DataError, ResumeMismatch, ShardList, resolve_shards
-from .shards import ShardError, add_make_shards_parser, read_manifest, verify_manifest, write_shards
+from .samples import BAD_SAMPLE_GRACE, BadSampleStats, too_many_bad
+from .shards import ShardError, read_manifest, verify_manifest, write_shards
+from .sources import build_eval_loader, build_train_loader, shard_spec, shard_specs
 from .transforms import normalize
 
 __all__ = [
     "BAD_SAMPLE_GRACE", "BadSampleStats", "BatchMix", "DataError", "EvalLoader", "ResumeMismatch", "SampleAugment",
     "ShardError", "ShardList", "TrainLoader",
     "add_bench_data_parser", "add_make_shards_parser", "build_eval_loader", "build_train_loader",
-    "ensure_digits", "normalize", "read_manifest", "resolve_shards", "too_many_bad",
+    "ensure_digits", "normalize", "read_manifest", "resolve_shards", "shard_spec", "shard_specs", "too_many_bad",
     "verify_manifest", "write_shards",
 ]

@@ -1,4 +1,4 @@
-"""Train and eval loaders over webdataset shards: deterministic, resumable, equal per rank.
+"""The training loader over webdataset shards: deterministic, resumable, equal per rank.
 
 Who reads what. An epoch's shards are permuted with (seed, epoch) and dealt to
 world_size x workers readers (`reader.plan_streams`), balanced by sample count. Each
@@ -21,8 +21,8 @@ Bad samples. A sample whose image is missing or does not decode, or whose label 
 missing or out of range, is skipped, counted and recorded as (key, shard, reason). The
 loader raises DataError when the bad count exceeds both BAD_SAMPLE_GRACE (10) and
 max_bad_fraction x samples seen so far (per worker and per rank, since the run started; a
-resume carries the counts). max_bad_fraction=0 tolerates none. Errors in workers
-(including a corrupt shard, which names itself) re-raise in the main process.
+resume carries the counts; the rule is samples.py's). max_bad_fraction=0 tolerates none.
+Errors in workers (including a corrupt shard, which names itself) re-raise in the main process.
 
 Resume. `state_dict()` gives the next batch's position: epoch, batch, and per worker the
 number of shuffle outputs consumed. `load_state_dict` replays each reader's shard plan
@@ -37,83 +37,22 @@ from __future__ import annotations
 import random
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .augment import SampleAugment
-from .reader import (IMAGE_KEYS, DataError, Record, ResumeMismatch, ShardList, check_local_shards, plan_streams,
-                     resampled_shards, resolve_shards, samples_per_stream, stream_records)
-from .transforms import (DecodeError, eval_resize_size, eval_transform, resample_filter, resolve_decoder,
-                         train_transform)
+from .reader import (DataError, ResumeMismatch, ShardList, plan_streams, resampled_shards, samples_per_stream,
+                     stream_records)
+from .samples import BadSampleStats, Opts, ReaderTally, bad_sample_error, decode_sample, identity, too_many_bad
+from .transforms import resample_filter, resolve_decoder, train_transform
 
-BAD_SAMPLE_GRACE = 10
-_MAX_EXAMPLES = 20
 STATE_VERSION = 1
 
-
-def _identity(x: Any) -> Any:
-    return x
-
-
-def too_many_bad(bad: int, seen: int, max_fraction: float) -> bool:
-    """The bad-sample rule: more than the grace count and more than the allowed fraction."""
-    if max_fraction <= 0:
-        return bad > 0
-    return bad > BAD_SAMPLE_GRACE and bad > max_fraction * seen
-
-
-def _bad_error(bad: int, seen: int, max_fraction: float, examples: Sequence[Sequence[str]], where: str) -> DataError:
-    shown = "; ".join("%s in %s: %s" % tuple(e) for e in list(examples)[:5])
-    return DataError("%d of %d samples seen %s were bad (%.4f > data.max_bad_fraction=%g). Examples: %s"
-                     % (bad, seen, where, bad / max(seen, 1), max_fraction, shown))
-
-
-class BadSampleStats:
-    """Samples seen and skipped as bad, with up to 20 (key, shard, reason) examples."""
-
-    def __init__(self) -> None:
-        self.seen, self.bad, self.examples = 0, 0, []  # type: int, int, List[Tuple[str, str, str]]
-
-    def add(self, seen: int, bad: int, examples: Sequence[Sequence[str]]) -> None:
-        self.seen += seen
-        self.bad += bad
-        room = _MAX_EXAMPLES - len(self.examples)
-        self.examples.extend(tuple(e) for e in list(examples)[:max(room, 0)])
-
-    def __repr__(self) -> str:
-        return "BadSampleStats(seen=%d, bad=%d)" % (self.seen, self.bad)
-
-
-def _decode_label(rec: Record, num_classes: Optional[int]) -> Tuple[Optional[bytes], int, str]:
-    """(image bytes, label, "") or (None, -1, reason) for a structurally bad sample."""
-    image = next((rec.files[k] for k in IMAGE_KEYS if k in rec.files), None)
-    if image is None:
-        return None, -1, "no image member (%s)" % "/".join(IMAGE_KEYS)
-    if "cls" not in rec.files:
-        return None, -1, "missing label (.cls)"
-    try:
-        label = int(rec.files["cls"].strip())
-    except ValueError:
-        return None, -1, "label is not an integer: %r" % rec.files["cls"][:20]
-    if label < 0 or (num_classes is not None and label >= num_classes):
-        return None, -1, "label %d outside 0..%d" % (label, (num_classes or 0) - 1)
-    return image, label, ""
-
-
-class _Opts:
-    """Everything a reader process needs; plain data so it pickles under spawn too."""
-
-    def __init__(self, **kw: Any) -> None:
-        self.__dict__.update(kw)
-
-
-# ----------------------------------------------------------------------------- train
 
 class _TrainEpoch(IterableDataset):
     """One epoch of one rank, from batch `start`; each DataLoader worker plays one reader."""
 
-    def __init__(self, o: _Opts, epoch: int, start: int, streams: List[List[int]]):
+    def __init__(self, o: Opts, epoch: int, start: int, streams: List[List[int]]):
         super().__init__()
         self.o, self.epoch, self.start, self.streams = o, epoch, start, streams
 
@@ -130,6 +69,7 @@ class _TrainEpoch(IterableDataset):
             return
         g = o.rank * workers + k
         cursor, seen, bad = self.streams[k]
+        tally = ReaderTally(o.max_bad_fraction, "by reader %d (rank %d)" % (g, o.rank), seen, bad)
         if o.resampled:
             shard_ids = resampled_shards(len(o.shards.urls), o.seed, self.epoch, g)  # type: Any
             total = None  # type: Optional[int]
@@ -145,7 +85,7 @@ class _TrainEpoch(IterableDataset):
             images = torch.empty((B, 3, S, S), dtype=torch.uint8)
             view = images.numpy()
             labels = torch.empty((B,), dtype=torch.int64)
-            keys, new_bad = [], []  # type: List[str], List[Tuple[str, str, str]]
+            keys = []  # type: List[str]
             n = 0
             while n < B:
                 try:
@@ -153,31 +93,22 @@ class _TrainEpoch(IterableDataset):
                 except StopIteration:
                     raise DataError("reader %d of epoch %d ran out of samples with no good sample to top "
                                     "up from (all of its input was bad?)" % (g, self.epoch)) from None
-                cursor, seen = pos + 1, seen + 1
-                data, label, reason = _decode_label(rec, o.num_classes)
-                if data is not None:
-                    crop_rng = random.Random("%d/%d/%d/%d" % (o.seed, self.epoch, g, pos))
-                    try:
-                        arr = train_transform(data, S, crop_rng, scale, ratio, o.interpolation, o.hflip, o.decoder,
-                                              augment)
-                    except DecodeError as e:
-                        reason = str(e)
+                cursor, tally.seen = pos + 1, tally.seen + 1
+                crop_rng = random.Random("%d/%d/%d/%d" % (o.seed, self.epoch, g, pos))
+                arr, label, reason = decode_sample(rec, o.num_classes, lambda data: train_transform(
+                    data, S, crop_rng, scale, ratio, o.interpolation, o.hflip, o.decoder, augment))
                 if reason:
-                    bad += 1
-                    new_bad.append((rec.key, rec.shard, reason))
-                    if too_many_bad(bad, seen, o.max_bad_fraction):
-                        raise _bad_error(bad, seen, o.max_bad_fraction, new_bad,
-                                         "by reader %d (rank %d)" % (g, o.rank))
+                    tally.skip(rec, reason)
                     continue
                 view[n] = arr.transpose(2, 0, 1)
                 labels[n] = label
                 keys.append(rec.key)
                 n += 1
-            yield images, labels, keys, {"reader": k, "cursor": cursor, "seen": seen, "bad": bad,
-                                         "new_bad": new_bad}
+            yield images, labels, keys, {"reader": k, "cursor": cursor, "seen": tally.seen, "bad": tally.bad,
+                                         "new_bad": tally.take_new_bad()}
 
 
-def _sample_augment(o: _Opts) -> Optional[SampleAugment]:
+def _sample_augment(o: Opts) -> Optional[SampleAugment]:
     """The reader's per-sample augmentations (built in the worker from plain settings), or None."""
     aug = SampleAugment(o.auto_augment, o.rand_augment, o.random_erasing, o.mean, o.std, o.interpolation,
                         o.img_size)
@@ -228,7 +159,7 @@ class TrainLoader:
                 raise DataError("%s: the smallest of %d readers gets %d samples, fewer than batch_size %d; "
                                 "use a smaller batch, fewer workers, or data.resampled=true"
                                 % (shards.source, readers, smallest, batch_size))
-        self.o = _Opts(shards=shards, img_size=img_size, batch_size=batch_size, seed=seed, rank=rank,
+        self.o = Opts(shards=shards, img_size=img_size, batch_size=batch_size, seed=seed, rank=rank,
                        world_size=world_size, workers=workers, shuffle_buffer=shuffle_buffer, resampled=resampled,
                        scale=list(scale), ratio=list(ratio), interpolation=interpolation, hflip=hflip,
                        decoder=resolve_decoder(decoder), max_bad_fraction=max_bad_fraction,
@@ -303,7 +234,7 @@ class TrainLoader:
         ds = _TrainEpoch(self.o, epoch, start, [list(s) for s in streams])
         if self.o.workers <= 0:
             return iter(ds)
-        return iter(DataLoader(ds, batch_size=None, num_workers=self.o.workers, collate_fn=_identity,
+        return iter(DataLoader(ds, batch_size=None, num_workers=self.o.workers, collate_fn=identity,
                                pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor))
 
     def __iter__(self) -> Iterator[Any]:
@@ -327,186 +258,10 @@ class TrainLoader:
                 self._streams[k] = [info["cursor"], info["seen"], info["bad"]]
                 self.stats.add(info["seen"] - prev_seen, info["bad"] - prev_bad, info["new_bad"])
                 if too_many_bad(self.stats.bad, self.stats.seen, o.max_bad_fraction):
-                    raise _bad_error(self.stats.bad, self.stats.seen, o.max_bad_fraction, self.stats.examples,
+                    raise bad_sample_error(self.stats.bad, self.stats.seen, o.max_bad_fraction, self.stats.examples,
                                      "on rank %d" % o.rank)
                 if last:
                     self._epoch, self._batch, self._streams = self._epoch + 1, 0, self._fresh_streams()
                 else:
                     self._batch = b + 1
                 yield (images, labels, keys) if self.return_keys else (images, labels)
-
-
-# ----------------------------------------------------------------------------- eval
-
-class _EvalPart(IterableDataset):
-    """A rank's share of the validation set; worker k reads every workers-th of its shards."""
-
-    def __init__(self, o: _Opts):
-        super().__init__()
-        self.o = o
-
-    def __iter__(self) -> Iterator[Any]:
-        o = self.o
-        info = get_worker_info()
-        wid, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        from .reader import iter_records
-
-        seen = bad = 0
-        S, B = o.img_size, o.batch_size
-        images, labels, keys, new_bad = [], [], [], []  # type: List[np.ndarray], List[int], List[str], List[Any]
-
-        def flush() -> Any:
-            batch = (torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).copy()),
-                     torch.tensor(labels, dtype=torch.int64), list(keys),
-                     {"worker": wid, "seen": seen, "bad": bad, "new_bad": list(new_bad)})
-            del images[:], labels[:], keys[:], new_bad[:]
-            return batch
-
-        for sid in o.shard_ids[wid::workers]:
-            offset = o.offsets[sid]
-            want = None if o.stride == 1 else (lambda j, off=offset: (off + j) % o.stride == o.rank)
-            for _, rec in iter_records(o.shards.urls[sid], want=want):
-                if rec is None:
-                    continue
-                seen += 1
-                data, label, reason = _decode_label(rec, o.num_classes)
-                if data is not None:
-                    try:
-                        arr = eval_transform(data, S, o.resize, o.interpolation, o.decoder)
-                    except DecodeError as e:
-                        reason = str(e)
-                if reason:
-                    bad += 1
-                    new_bad.append((rec.key, rec.shard, reason))
-                    if too_many_bad(bad, seen, o.max_bad_fraction):
-                        raise _bad_error(bad, seen, o.max_bad_fraction, new_bad, "in validation")
-                    continue
-                images.append(arr)
-                labels.append(label)
-                keys.append(rec.key)
-                if len(images) == B:
-                    yield flush()
-        if images or new_bad:
-            yield flush()
-
-
-class EvalLoader:
-    """Every validation sample once across ranks, in fixed order; batches of batch_size, the
-    last one possibly short. Yields (images, labels) or (images, labels, keys)."""
-
-    def __init__(self, shards: ShardList, img_size: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 workers: int = 0, resize: int = 0, interpolation: str = "bilinear", decoder: str = "auto",
-                 max_bad_fraction: float = 0.001, return_keys: bool = False):
-        if not 0 <= rank < world_size:
-            raise ValueError("rank %d is not in 0..world_size-1 (world_size=%d)" % (rank, world_size))
-        resample_filter(interpolation)
-        n = len(shards.urls)
-        offsets = [sum(shards.counts[:i]) for i in range(n)]
-        if n >= world_size:  # whole shards per rank: each byte is read once
-            shard_ids, stride = list(range(rank, n, world_size)), 1
-            self.num_samples = sum(shards.counts[i] for i in shard_ids)
-        else:  # fewer shards than ranks: every rank reads all and keeps every world_size-th sample
-            shard_ids, stride = list(range(n)), world_size
-            self.num_samples = len(range(rank, shards.num_samples, world_size))
-        self.o = _Opts(shards=shards, img_size=img_size, batch_size=batch_size, rank=rank, stride=stride,
-                       shard_ids=shard_ids, offsets=offsets, resize=resize, interpolation=interpolation,
-                       decoder=resolve_decoder(decoder), max_bad_fraction=max_bad_fraction,
-                       num_classes=len(shards.classes) if shards.classes else None)
-        self.workers = min(workers, len(shard_ids))
-        self.batch_size, self.return_keys = batch_size, return_keys
-        self.classes, self.num_classes = shards.classes, self.o.num_classes
-        self.stats = BadSampleStats()
-
-    def __len__(self) -> int:
-        return -(-self.num_samples // self.batch_size)  # an upper bound when bad samples are skipped
-
-    @property
-    def bad_samples(self) -> List[Tuple[str, str, str]]:
-        return list(self.stats.examples)
-
-    def __iter__(self) -> Iterator[Any]:
-        ds = _EvalPart(self.o)
-        it = iter(ds) if self.workers <= 0 else iter(DataLoader(ds, batch_size=None, num_workers=self.workers,
-                                                                 collate_fn=_identity))
-        self.stats = BadSampleStats()
-        last = {}  # type: Dict[int, Tuple[int, int]]
-        pending = []  # type: List[Tuple[torch.Tensor, torch.Tensor, List[str]]]
-        have = 0
-        for images, labels, keys, info in it:
-            # Workers send running counts; take the increase since that worker's previous chunk.
-            prev = last.get(info["worker"], (0, 0))
-            self.stats.add(info["seen"] - prev[0], info["bad"] - prev[1], info["new_bad"])
-            last[info["worker"]] = (info["seen"], info["bad"])
-            if too_many_bad(self.stats.bad, self.stats.seen, self.o.max_bad_fraction):
-                raise _bad_error(self.stats.bad, self.stats.seen, self.o.max_bad_fraction, self.stats.examples,
-                                 "in validation")
-            if len(keys):
-                pending.append((images, labels, keys))
-                have += len(keys)
-            while have >= self.batch_size:
-                yield self._take(pending, self.batch_size)
-                have -= self.batch_size
-        if have:
-            yield self._take(pending, have)
-
-    def _take(self, pending: List[Any], n: int) -> Any:
-        """Cut the first n samples off the pending chunks (chunks stay in arrival order)."""
-        parts_i, parts_l, parts_k = [], [], []  # type: List[torch.Tensor], List[torch.Tensor], List[str]
-        need = n
-        while need:
-            images, labels, keys = pending[0]
-            take = min(need, len(keys))
-            parts_i.append(images[:take])
-            parts_l.append(labels[:take])
-            parts_k.extend(keys[:take])
-            if take == len(keys):
-                pending.pop(0)
-            else:
-                pending[0] = (images[take:], labels[take:], keys[take:])
-            need -= take
-        images = parts_i[0] if len(parts_i) == 1 else torch.cat(parts_i)
-        labels = parts_l[0] if len(parts_l) == 1 else torch.cat(parts_l)
-        out = (images.contiguous(), labels)
-        return out + (parts_k,) if self.return_keys else out
-
-
-# ----------------------------------------------------------------------------- builders
-
-def _shards_for(cfg: Any, split: str) -> ShardList:
-    source = getattr(cfg, "source", "shards")
-    if source == "digits":
-        from .digits import ensure_digits
-
-        train, val, _ = ensure_digits(getattr(cfg, "root", "data"))
-        spec = train if split == "train" else val
-    elif source == "shards":
-        spec = getattr(cfg, "%s_shards" % split, "")
-        if not spec:
-            raise DataError("data.%s_shards is empty: set it to a manifest .json, a folder, a brace pattern or "
-                            "a URL of shards (see vit-accel make-shards), or use data.source=digits" % split)
-    else:
-        raise DataError("data.source must be 'shards' or 'digits', got %r" % (source,))
-    shards = resolve_shards(spec)
-    check_local_shards(shards)
-    return shards
-
-
-def build_train_loader(cfg: Any, img_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                       return_keys: bool = False, pin_memory: bool = False) -> TrainLoader:
-    """The training loader of a recipe's data section (a DataConfig): batch_size is per rank."""
-    return TrainLoader(_shards_for(cfg, "train"), img_size, batch_size, seed, rank=rank, world_size=world_size,
-                       workers=cfg.workers, shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled,
-                       scale=cfg.scale, ratio=cfg.ratio, interpolation=cfg.interpolation, hflip=cfg.hflip,
-                       decoder=cfg.decoder, max_bad_fraction=cfg.max_bad_fraction, return_keys=return_keys,
-                       pin_memory=pin_memory, auto_augment=getattr(cfg, "auto_augment", ""),
-                       rand_augment=getattr(cfg, "rand_augment", ""),
-                       random_erasing=getattr(cfg, "random_erasing", 0.0), mean=cfg.mean, std=cfg.std)
-
-
-def build_eval_loader(cfg: Any, img_size: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                      return_keys: bool = False) -> EvalLoader:
-    """The validation loader: each sample once across ranks, resize shorter side + center crop."""
-    return EvalLoader(_shards_for(cfg, "val"), img_size, batch_size, rank=rank, world_size=world_size,
-                      workers=cfg.workers, resize=eval_resize_size(img_size, cfg.eval_resize, getattr(cfg, "eval_crop_fraction", 0.0)),
-                      interpolation=getattr(cfg, "eval_interpolation", "") or cfg.interpolation,
-                      decoder=cfg.decoder, max_bad_fraction=cfg.max_bad_fraction, return_keys=return_keys)

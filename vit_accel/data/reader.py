@@ -29,6 +29,7 @@ import random
 import re
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
+from ..errors import InputError
 from .shards import MANIFEST_FORMAT, ShardError, read_manifest
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff", "gif")
@@ -36,7 +37,7 @@ _WANTED_EXTS = frozenset(IMAGE_KEYS + ("cls",))
 _KEY_RE = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")
 
 
-class DataError(Exception):
+class DataError(InputError):
     """The input data cannot be used: too many bad samples, a corrupt shard, a bad layout.
 
     Takes one message argument so DataLoader workers can re-raise it in the main process.

@@ -50,17 +50,14 @@ def build_model(recipe: Recipe, backend: Optional[Backend] = None, log=print) ->
 
 def data_specs(recipe: Recipe) -> Tuple[str, str]:
     """Train and validation shard specs; the bundled digits are written on first use."""
-    d = recipe.data
-    if d.source == "digits":
-        from ..data.digits import ensure_digits
+    from ..data import shard_specs
 
-        train, val, _ = ensure_digits(d.root)
-        return train, val
-    if not d.train_shards:
+    train, val = shard_specs(recipe.data)
+    if not train:
         raise ConfigError("data.train_shards is empty: point it at webdataset shards "
                           "(--set data.train_shards=/path/train-{000000..000099}.tar), "
                           "or write some with `vit-accel make-shards`")
-    return d.train_shards, d.val_shards
+    return train, val
 
 
 def _with_shards(recipe: Recipe, train: str, val: str):

@@ -1,0 +1,142 @@
+"""The validation loader: every sample once across ranks, in a fixed order.
+
+A rank reads whole shards when there are at least as many shards as ranks (each byte read
+once), else every rank reads all of them and keeps every world_size-th sample. Bad samples are
+skipped and counted by the rule of samples.py. Python 3.8 / torch 2.0 compatible.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, List, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .reader import ShardList, iter_records
+from .samples import BadSampleStats, Opts, ReaderTally, bad_sample_error, decode_sample, identity, too_many_bad
+from .transforms import eval_transform, resample_filter, resolve_decoder
+
+
+class _EvalPart(IterableDataset):
+    """A rank's share of the validation set; worker k reads every workers-th of its shards."""
+
+    def __init__(self, o: Opts):
+        super().__init__()
+        self.o = o
+
+    def __iter__(self) -> Iterator[Any]:
+        o = self.o
+        info = get_worker_info()
+        wid, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        tally = ReaderTally(o.max_bad_fraction, "in validation")
+        S, B = o.img_size, o.batch_size
+        images, labels, keys = [], [], []  # type: List[np.ndarray], List[int], List[str]
+
+        def flush() -> Any:
+            batch = (torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).copy()),
+                     torch.tensor(labels, dtype=torch.int64), list(keys),
+                     {"worker": wid, "seen": tally.seen, "bad": tally.bad, "new_bad": tally.take_new_bad()})
+            del images[:], labels[:], keys[:]
+            return batch
+
+        def transform(data: bytes) -> np.ndarray:
+            return eval_transform(data, S, o.resize, o.interpolation, o.decoder)
+
+        for sid in o.shard_ids[wid::workers]:
+            offset = o.offsets[sid]
+            want = None if o.stride == 1 else (lambda j, off=offset: (off + j) % o.stride == o.rank)
+            for _, rec in iter_records(o.shards.urls[sid], want=want):
+                if rec is None:
+                    continue
+                tally.seen += 1
+                arr, label, reason = decode_sample(rec, o.num_classes, transform)
+                if reason:
+                    tally.skip(rec, reason)
+                    continue
+                images.append(arr)
+                labels.append(label)
+                keys.append(rec.key)
+                if len(images) == B:
+                    yield flush()
+        if images or tally.new_bad:
+            yield flush()
+
+
+class EvalLoader:
+    """Every validation sample once across ranks, in fixed order; batches of batch_size, the
+    last one possibly short. Yields (images, labels) or (images, labels, keys)."""
+
+    def __init__(self, shards: ShardList, img_size: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 workers: int = 0, resize: int = 0, interpolation: str = "bilinear", decoder: str = "auto",
+                 max_bad_fraction: float = 0.001, return_keys: bool = False):
+        if not 0 <= rank < world_size:
+            raise ValueError("rank %d is not in 0..world_size-1 (world_size=%d)" % (rank, world_size))
+        resample_filter(interpolation)
+        n = len(shards.urls)
+        offsets = [sum(shards.counts[:i]) for i in range(n)]
+        if n >= world_size:  # whole shards per rank: each byte is read once
+            shard_ids, stride = list(range(rank, n, world_size)), 1
+            self.num_samples = sum(shards.counts[i] for i in shard_ids)
+        else:  # fewer shards than ranks: every rank reads all and keeps every world_size-th sample
+            shard_ids, stride = list(range(n)), world_size
+            self.num_samples = len(range(rank, shards.num_samples, world_size))
+        self.o = Opts(shards=shards, img_size=img_size, batch_size=batch_size, rank=rank, stride=stride,
+                       shard_ids=shard_ids, offsets=offsets, resize=resize, interpolation=interpolation,
+                       decoder=resolve_decoder(decoder), max_bad_fraction=max_bad_fraction,
+                       num_classes=len(shards.classes) if shards.classes else None)
+        self.workers = min(workers, len(shard_ids))
+        self.batch_size, self.return_keys = batch_size, return_keys
+        self.classes, self.num_classes = shards.classes, self.o.num_classes
+        self.stats = BadSampleStats()
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch_size)  # an upper bound when bad samples are skipped
+
+    @property
+    def bad_samples(self) -> List[Tuple[str, str, str]]:
+        return list(self.stats.examples)
+
+    def __iter__(self) -> Iterator[Any]:
+        ds = _EvalPart(self.o)
+        it = iter(ds) if self.workers <= 0 else iter(DataLoader(ds, batch_size=None, num_workers=self.workers,
+                                                                 collate_fn=identity))
+        self.stats = BadSampleStats()
+        last = {}  # type: Dict[int, Tuple[int, int]]
+        pending = []  # type: List[Tuple[torch.Tensor, torch.Tensor, List[str]]]
+        have = 0
+        for images, labels, keys, info in it:
+            # Workers send running counts; take the increase since that worker's previous chunk.
+            prev = last.get(info["worker"], (0, 0))
+            self.stats.add(info["seen"] - prev[0], info["bad"] - prev[1], info["new_bad"])
+            last[info["worker"]] = (info["seen"], info["bad"])
+            if too_many_bad(self.stats.bad, self.stats.seen, self.o.max_bad_fraction):
+                raise bad_sample_error(self.stats.bad, self.stats.seen, self.o.max_bad_fraction, self.stats.examples,
+                                 "in validation")
+            if len(keys):
+                pending.append((images, labels, keys))
+                have += len(keys)
+            while have >= self.batch_size:
+                yield self._take(pending, self.batch_size)
+                have -= self.batch_size
+        if have:
+            yield self._take(pending, have)
+
+    def _take(self, pending: List[Any], n: int) -> Any:
+        """Cut the first n samples off the pending chunks (chunks stay in arrival order)."""
+        parts_i, parts_l, parts_k = [], [], []  # type: List[torch.Tensor], List[torch.Tensor], List[str]
+        need = n
+        while need:
+            images, labels, keys = pending[0]
+            take = min(need, len(keys))
+            parts_i.append(images[:take])
+            parts_l.append(labels[:take])
+            parts_k.extend(keys[:take])
+            if take == len(keys):
+                pending.pop(0)
+            else:
+                pending[0] = (images[take:], labels[take:], keys[take:])
+            need -= take
+        images = parts_i[0] if len(parts_i) == 1 else torch.cat(parts_i)
+        labels = parts_l[0] if len(parts_l) == 1 else torch.cat(parts_l)
+        out = (images.contiguous(), labels)
+        return out + (parts_k,) if self.return_keys else out

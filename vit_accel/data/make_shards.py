@@ -1,0 +1,79 @@
+"""`vit-accel make-shards`: webdataset shards + manifest from an image tree, a CSV, or the digits.
+
+Python 3.8 compatible.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Any
+
+from .digits import write_digits
+from .shards import ShardError, list_csv, list_imagefolder, list_imagenet, write_shards
+
+
+def parse_size(text: str) -> int:
+    """"100MB" / "1.5GB" / "250000" -> bytes."""
+    m = re.match(r"^\s*([\d.]+)\s*([kKmMgG]?)i?[bB]?\s*$", text)
+    if not m:
+        raise argparse.ArgumentTypeError("expected a size such as 250MB or 1GB, got %r" % text)
+    return int(float(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()])
+
+
+def _make_shards_main(args: argparse.Namespace) -> int:
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    try:
+        if args.source == "digits":
+            write_digits(args.output, workers=args.workers, log=log)
+            return 0
+        if not args.input:
+            raise ShardError("--input is required for --source %s" % args.source)
+        if args.source == "imagefolder":
+            samples, classes = list_imagefolder(args.input)
+        elif args.source == "imagenet":
+            samples, classes = list_imagenet(args.input, args.split, args.imagenet_val_labels)
+        else:
+            samples, classes = list_csv(args.input)
+        name = args.name or (args.split if args.source == "imagenet" else "train")
+        write_shards(samples, args.output, name, classes, samples_per_shard=args.samples_per_shard,
+                     shard_bytes=args.shard_bytes or 0, resize=args.resize, quality=args.quality,
+                     workers=args.workers, shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
+                     verify=not args.no_verify, log=log)
+        return 0
+    except (ShardError, OSError) as e:
+        print("make-shards: error: %s" % e, file=sys.stderr)
+        return 2
+
+
+def add_make_shards_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `make-shards` on a `vit-accel` subparsers object."""
+    p = subparsers.add_parser(
+        "make-shards", help="write webdataset shards + manifest from images",
+        description="Write NAME-000000.tar ... and NAME.json (manifest with sample counts and sha256) "
+                    "from an ImageFolder tree, the ImageNet layout, a CSV/TSV of path,label, or the "
+                    "bundled digits. Re-running skips shards that are complete and unchanged.")
+    p.add_argument("--source", choices=["imagefolder", "imagenet", "csv", "digits"], default="imagefolder")
+    p.add_argument("--input", help="ImageFolder root, ImageNet root (with train/ and val/), or the CSV/TSV file")
+    p.add_argument("--output", required=True, help="folder for the shards and NAME.json")
+    p.add_argument("--name", default="", help="shard name prefix (default: train, or the ImageNet split)")
+    p.add_argument("--split", choices=["train", "val"], default="train", help="ImageNet split to write")
+    p.add_argument("--imagenet-val-labels", default="",
+                   help="LOC_val_solution.csv, or lines 'FILENAME LABEL' (WordNet id or 0-based sorted index)")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--shard-bytes", type=parse_size, default=0,
+                   help="target shard size (e.g. 256MB); overrides --samples-per-shard")
+    p.add_argument("--resize", type=int, default=0,
+                   help="shrink the shorter side to this many pixels and re-encode as JPEG (0: keep bytes)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding")
+    p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the sample order across shards")
+    p.add_argument("--no-shuffle", action="store_true", help="keep the source order")
+    p.add_argument("--no-verify", action="store_true",
+                   help="do not fully decode pass-through images at write time (faster; bad images "
+                        "are then skipped at read time)")
+    p.set_defaults(func=_make_shards_main)
+    return p
