@@ -177,6 +177,8 @@ def test_cross_entropy_matches_torch():
         torch.testing.assert_close(cross_entropy(logits, y.int(), s), F.cross_entropy(logits, y, label_smoothing=s))
     soft = torch.softmax(torch.randn(6, 7), -1)
     torch.testing.assert_close(cross_entropy(logits, soft), F.cross_entropy(logits, soft))
+    # mixed targets already carry the smoothing: the recipe's label_smoothing is not applied twice
+    torch.testing.assert_close(cross_entropy(logits, soft, 0.1), F.cross_entropy(logits, soft))
 
 
 # ---------------------------------------------------------------------------------------

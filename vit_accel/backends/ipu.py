@@ -188,7 +188,8 @@ def apply_plan(model: nn.Module, plan: StagePlan, poptorch) -> None:
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy for class indices or soft targets, with label smoothing.
 
-    Equal to ``F.cross_entropy(..., label_smoothing=s)``. The one-hot comes from a comparison
+    Equal to the CPU backend's loss: ``F.cross_entropy(..., label_smoothing=s)`` for class
+    indices; soft targets are used as they come (the batch mix already smoothed them). The one-hot comes from a comparison
     with ``arange`` rather than an index op: PopTorch feeds int64 labels as int32, which
     comparisons accept on every device. Computed in fp32: a 1,000-way log-softmax in fp16
     loses the small probabilities.
@@ -199,7 +200,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: f
         target = labels.float()
     else:
         target = (labels.unsqueeze(1) == torch.arange(classes, device=labels.device)).float()
-    if label_smoothing:
+    if label_smoothing and not labels.is_floating_point():  # soft targets (mixup) carry their smoothing already
         target = target * (1.0 - label_smoothing) + label_smoothing / classes
     return -(target * logp).sum(dim=-1).mean()
 
