@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from vit_accel.config import ConfigError, gradient_accumulation, list_configs, load_recipe
+from vit_accel.config import ConfigError, batch_split, list_configs, load_recipe
 from vit_accel.engine.optim import build_optimizer, param_groups
 from vit_accel.engine.schedule import lr_at
 from vit_accel.model import create_vit
@@ -58,12 +58,12 @@ def test_batch_arithmetic_errors_show_the_arithmetic():
         load_recipe("vit-b16-ft", ["ipu.replicas=2"])
     with pytest.raises(ConfigError, match="cpu.gradient_accumulation 3 does not divide train.global_batch_size 2176"):
         load_recipe("vit-b16-ft", ["cpu.gradient_accumulation=3"])
-    assert gradient_accumulation(2176, 136, 4) == 4
+    assert batch_split(2176, 136, 4)[1] == 4
     with pytest.raises(ConfigError, match=r"global_batch_size 2176 is not divisible by the world size 3"):
-        gradient_accumulation(2176, 136, 3)
+        batch_split(2176, 136, 3)
     with pytest.raises(ConfigError, match=r"2176 / world size 4 = 544 .*gradient_accumulation 2 splits into "
                                           r"micro-batches of 272 > cpu.micro_batch_size 136"):
-        gradient_accumulation(2176, 136, 4, requested=2)
+        batch_split(2176, 136, 4, requested=2)
 
 
 @pytest.mark.parametrize("global_batch,micro,world,expect", [

@@ -416,11 +416,6 @@ def batch_split(global_batch: int, micro_batch: int, world_size: int, requested:
     return micro, share // micro
 
 
-def gradient_accumulation(global_batch: int, micro_batch: int, world_size: int, requested: int = 0) -> int:
-    """Accumulation steps of :func:`batch_split` (the micro-batch it uses may be smaller than given)."""
-    return batch_split(global_batch, micro_batch, world_size, requested)[1]
-
-
 def validate(r: Recipe, backends: Optional[List[str]] = None) -> None:
     from .model import VARIANTS
 
