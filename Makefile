@@ -35,7 +35,7 @@ test: $(STAMP) lint-py38
 PY38    ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.8.*/bin/python3.8) $(shell command -v python3.8) python3)
 VENV20  ?= .venv-torch20
 STAMP20 := $(VENV20)/.installed
-IPU_TESTS := tests/test_ipu.py tests/test_ipu_ops.py tests/test_ipu_resume.py tests/test_ipu_feed.py tests/test_ipu_poprun.py
+IPU_TESTS := tests/test_ipu.py tests/test_ipu_ops.py tests/test_ipu_resume.py tests/test_ipu_feed.py tests/test_ipu_poprun.py tests/test_distributed_exit.py
 
 $(STAMP20): constraints-torch20.txt
 	test -x $(VENV20)/bin/python || $(PY38) -m venv $(VENV20)

@@ -88,9 +88,6 @@ def top1_of_checkpoint(path, val_spec) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(torch.__version__.startswith("2.0."),
-                    reason="under torch 2.0.1 the second instance of the resumed run does not exit in this harness "
-                           "(open defect; passes under torch 2.14 and under 2.0.1 with PYTHONFAULTHANDLER=1)")
 def test_two_instances_reduce_metrics_write_once_and_resume(tmp_path):
     _, val_spec, _ = ensure_digits(str(tmp_path / "data"))      # written once, before the instances start
     outs = poprun(tmp_path, ["--run-dir", "whole"])

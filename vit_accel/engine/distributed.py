@@ -8,8 +8,10 @@ Python 3.8 / torch 2.0 compatible: the IPU path imports this module.
 """
 from __future__ import annotations
 
+import collections
 import os
-from typing import Any, List
+import pickle
+from typing import Any, Deque, List
 
 import torch
 import torch.distributed as dist
@@ -32,6 +34,23 @@ def is_main() -> bool:
     return rank() == 0
 
 
+# The tensors of the latest collectives, held until the group is left. A gloo worker thread
+# drops its reference to a collective's tensors after the caller's wait() returns; when that
+# is the last reference to a tensor Python created, freeing it takes the GIL (torch 2.0.1).
+# destroy_process_group joins those threads with the GIL held, so a free still pending then
+# never happens and the process never exits (a poprun instance hung after its last metric
+# gather this way). Held here, the last reference is always Python's own.
+_RECENT: Deque[torch.Tensor] = collections.deque(maxlen=64)
+
+
+def _hold(*tensors: Any) -> None:
+    for t in tensors:
+        if isinstance(t, (list, tuple)):
+            _RECENT.extend(t)
+        else:
+            _RECENT.append(t)
+
+
 def _collective_device() -> torch.device:
     # NCCL reduces CUDA tensors only (on the device the backend selected); gloo takes CPU tensors
     if dist.get_backend() == "nccl":
@@ -43,27 +62,52 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum a small CPU tensor over processes (metrics); identity for one process."""
     if not is_distributed():
         return t
-    x = t.to(_collective_device())
+    x = t.to(_collective_device(), copy=True)
     dist.all_reduce(x)
+    _hold(x)
     return x.cpu()
+
+
+def _to_bytes(obj: Any) -> torch.Tensor:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(_collective_device())
+
+
+def _from_bytes(t: torch.Tensor, n: int) -> Any:
+    # the bytes come from this run's own processes (the peers of the group), as in
+    # torch.distributed's object collectives
+    return pickle.loads(t[:n].cpu().numpy().tobytes())
 
 
 def all_gather_object(obj: Any) -> List[Any]:
     """Every rank's ``obj``, in rank order (``[obj]`` for one process)."""
     if not is_distributed():
         return [obj]
-    out: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    data = _to_bytes(obj)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=data.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    longest = int(max(int(s.item()) for s in sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=data.device)
+    padded[:data.numel()] = data
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    _hold(data, size, sizes, padded, out)
+    return [_from_bytes(t, int(s.item())) for t, s in zip(out, sizes)]
 
 
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank."""
     if not is_distributed():
         return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    data = _to_bytes(obj) if dist.get_rank() == 0 else None
+    size = torch.tensor([0 if data is None else data.numel()], dtype=torch.int64, device=_collective_device())
+    dist.broadcast(size, src=0)
+    if data is None:
+        data = torch.empty(int(size.item()), dtype=torch.uint8, device=size.device)
+    dist.broadcast(data, src=0)
+    _hold(size, data)
+    return _from_bytes(data, int(size.item()))
 
 
 def barrier() -> None:
@@ -80,3 +124,4 @@ def join_process_group(backend: str) -> None:
 def leave_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _RECENT.clear()
