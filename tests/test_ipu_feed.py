@@ -81,3 +81,59 @@ def test_read_ahead_stops_its_thread_and_reraises_errors(digits):
         next(it)
     with pytest.raises(ValueError, match="depth must be >= 1"):
         ReadAhead(Broken(), depth=0)
+
+
+def feed_threads():
+    return [t for t in threading.enumerate() if t.name == "vit-accel-ipu-feed" and t.is_alive()]
+
+
+def test_closing_waits_a_bounded_time_for_a_reader_stuck_in_the_loader():
+    release = threading.Event()
+
+    class Stuck:                                           # a loader that hangs after its first batch
+        def state_dict(self):
+            return {}
+
+        def __iter__(self):
+            yield torch.zeros(1), torch.zeros(1)
+            release.wait(120)
+            yield torch.zeros(1), torch.zeros(1)
+
+    it = iter(ReadAhead(Stuck(), depth=1, stop_timeout=0.2))
+    next(it)
+    done = threading.Event()
+    closer = threading.Thread(target=lambda: (it.close(), done.set()), daemon=True)
+    closer.start()
+    assert done.wait(60), "closing the feed waited on a reader that never returns"
+    assert len(feed_threads()) == 1                        # left behind as a daemon, not waited for
+    release.set()
+    for _ in range(200):
+        if not feed_threads():
+            break
+        threading.Event().wait(0.05)
+    assert not feed_threads()                              # and it ends once the loader returns
+
+
+@pytest.mark.slow
+def test_a_failed_step_stops_the_feed_before_the_error_reaches_the_caller(tmp_path, monkeypatch):
+    from vit_accel.engine.trainer import train
+
+    monkeypatch.setitem(sys.modules, "poptorch", poptorch_double)
+    monkeypatch.chdir(tmp_path)
+    r = load_recipe("vit-ti-digits", ["schedule.total_steps=3", "schedule.warmup_steps=1", "train.eval_every=0",
+                                      "data.workers=0", "ipu.loader_mode=async_rebatched", "ipu.buffer_size=2"])
+    calls = []
+
+    def failing_step(self, images, labels, lr):
+        calls.append(feed_threads())
+        raise RuntimeError("the IPU stopped")
+
+    monkeypatch.setattr(IPUBackend, "train_step", failing_step)
+    try:
+        train(r, "ipu", run_dir=str(tmp_path / "run"), progress=False)
+    except RuntimeError as e:                              # the traceback still holds the trainer's frames
+        assert "the IPU stopped" in str(e)
+        assert len(calls) == 1 and len(calls[0]) == 1      # the feed ran during the step...
+        assert not feed_threads()                          # ...and was stopped before the error surfaced
+    else:
+        pytest.fail("the failing step did not fail the run")

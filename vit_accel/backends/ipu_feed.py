@@ -17,7 +17,9 @@ as exact as with no read-ahead. Python 3.8 / torch 2.0 compatible.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
+import time
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
@@ -27,13 +29,14 @@ _DONE = object()
 
 class ReadAhead:
     """Iterate ``loader`` up to ``depth`` batches ahead, applying ``prepare`` to the images
-    in the reading thread; checkpoint the consumer's position, not the reader's."""
+    in the reading thread; checkpoint the consumer's position, not the reader's. Closing the
+    iterator stops the thread, waiting at most ``stop_timeout`` seconds for it."""
 
     def __init__(self, loader: Any, prepare: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                 depth: int = 2):
+                 depth: int = 2, stop_timeout: float = 30.0):
         if depth < 1:
             raise ValueError(f"read-ahead depth must be >= 1, got {depth}")
-        self.loader, self.prepare, self.depth = loader, prepare, depth
+        self.loader, self.prepare, self.depth, self.stop_timeout = loader, prepare, depth, stop_timeout
         self._state = loader.state_dict()
 
     def state_dict(self) -> Dict[str, Any]:
@@ -86,10 +89,22 @@ class ReadAhead:
                 self._state = state
                 yield images, labels
         finally:
-            stop.set()
-            while reader.is_alive():                      # unblock a reader waiting on a full queue
-                try:
-                    out.get(timeout=0.1)
-                except queue.Empty:
-                    pass
-            reader.join()
+            _stop_reader(reader, out, stop, self.stop_timeout)
+
+
+def _stop_reader(reader: threading.Thread, out: "queue.Queue[Any]", stop: threading.Event,
+                 timeout: float) -> None:
+    """Stop the reading thread: it sees ``stop`` at its next batch or queue wait. Bounded: at
+    interpreter exit the thread may never run again (Python stops daemon threads there), and
+    waiting on it forever would keep the process alive; the thread is a daemon, so leaving
+    it after ``timeout`` seconds loses nothing."""
+    stop.set()
+    if sys.is_finalizing():
+        return
+    deadline = time.monotonic() + timeout
+    while reader.is_alive() and time.monotonic() < deadline:
+        try:                                              # unblock a reader waiting on a full queue
+            out.get_nowait()
+        except queue.Empty:
+            pass
+        reader.join(0.05)

@@ -278,38 +278,43 @@ def _run_steps(run: _Run, log: RunLog, end: int) -> float:
     mix = _batch_mix(recipe, backend.batch_per_call)
     window_loss, window_n, last_loss = 0.0, 0, float("nan")
     bad_logged = len(getattr(getattr(run.train_loader, "stats", None), "examples", []))
-    while run.step < end:
-        step = run.step
-        images, labels = next(batches)
-        # Seeded after the fetch: starting DataLoader workers draws from torch's RNG, and that
-        # happens at a different step in a resumed run.
-        torch.manual_seed(_step_seed(seed, rank, step))
-        lr = run.schedule.lr(step)
-        if mix is not None:  # on the host, before normalization (affine, so the same as after), for every backend
-            images, labels = mix(images, labels, _step_seed(seed, rank, step))
-        t0 = time.perf_counter()
-        result = backend.train_step(images, labels, lr)
-        dt = time.perf_counter() - t0
-        _count_skip(run.skips, result, step, lr, t.max_skipped_steps)
-        if run.ema is not None:
-            run.ema.update(ema_parameters(backend))
-        run.step = step = step + spc
-        run.train_time += dt
-        run.images_done += images.shape[0] * world
-        if np.isfinite(result.loss):  # a skipped fp16 step may carry an inf/nan loss
-            window_loss += result.loss
-            window_n += 1
-        log.advance(spc, _postfix(result, lr, images.shape[0] * world / max(dt, 1e-9), run.skips["total"]))
-        if step % t.log_every < spc or step >= end:
-            last_loss = window_loss / window_n if window_n else float("nan")
-            bad_logged = _log_train(run, log, result, lr, last_loss, bad_logged)
-            window_loss, window_n = 0.0, 0
-        if t.eval_every and step % t.eval_every < spc and step < end:
-            val = evaluate_with_ema(backend, recipe, run.val_loader, run.ema)
-            log.write(dict(kind="val", step=step, **val))
-            log.message(f"step {step}: val top-1 {100 * val['val_top1']:.2f}%  top-5 {100 * val['val_top5']:.2f}%")
-        if t.checkpoint_every and step % t.checkpoint_every < spc and step < end:
-            save_checkpoint(backend, recipe, run.run_dir, step, run.train_loader, ema=run.ema, skips=run.skips)
+    try:
+        while run.step < end:
+            step = run.step
+            images, labels = next(batches)
+            # Seeded after the fetch: starting DataLoader workers draws from torch's RNG, and that
+            # happens at a different step in a resumed run.
+            torch.manual_seed(_step_seed(seed, rank, step))
+            lr = run.schedule.lr(step)
+            if mix is not None:  # on the host, before normalization (affine, so the same as after), for every backend
+                images, labels = mix(images, labels, _step_seed(seed, rank, step))
+            t0 = time.perf_counter()
+            result = backend.train_step(images, labels, lr)
+            dt = time.perf_counter() - t0
+            _count_skip(run.skips, result, step, lr, t.max_skipped_steps)
+            if run.ema is not None:
+                run.ema.update(ema_parameters(backend))
+            run.step = step = step + spc
+            run.train_time += dt
+            run.images_done += images.shape[0] * world
+            if np.isfinite(result.loss):  # a skipped fp16 step may carry an inf/nan loss
+                window_loss += result.loss
+                window_n += 1
+            log.advance(spc, _postfix(result, lr, images.shape[0] * world / max(dt, 1e-9), run.skips["total"]))
+            if step % t.log_every < spc or step >= end:
+                last_loss = window_loss / window_n if window_n else float("nan")
+                bad_logged = _log_train(run, log, result, lr, last_loss, bad_logged)
+                window_loss, window_n = 0.0, 0
+            if t.eval_every and step % t.eval_every < spc and step < end:
+                val = evaluate_with_ema(backend, recipe, run.val_loader, run.ema)
+                log.write(dict(kind="val", step=step, **val))
+                log.message(f"step {step}: val top-1 {100 * val['val_top1']:.2f}%  top-5 {100 * val['val_top5']:.2f}%")
+            if t.checkpoint_every and step % t.checkpoint_every < spc and step < end:
+                save_checkpoint(backend, recipe, run.run_dir, step, run.train_loader, ema=run.ema, skips=run.skips)
+    finally:  # stop the loader's workers (and a read-ahead thread) now, not at interpreter exit
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
     return last_loss
 
 
