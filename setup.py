@@ -34,5 +34,5 @@ setup(
         "timm": ["torchvision", "timm"],
         "tensorboard": ["tensorboard"],
     },
-    entry_points={"console_scripts": ["vit-accel=vit_accel.cli:main"]},
+    entry_points={"console_scripts": ["vit-accel=vit_accel.cli:entry"]},
 )

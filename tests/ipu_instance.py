@@ -17,6 +17,7 @@ sys.modules["popdist"] = popdist_double
 sys.modules["popdist.poptorch"] = popdist_double.poptorch
 
 from vit_accel.cli import main  # noqa: E402
+from vit_accel.engine import distributed  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    distributed.end_process(main(sys.argv[1:]))    # as the `vit-accel` command ends

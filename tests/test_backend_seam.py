@@ -2,6 +2,7 @@
 (backends/precision.py) and the process-group queries (engine/distributed.py), in one process."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from vit_accel.backends.base import Backend
@@ -14,7 +15,7 @@ from vit_accel.engine import distributed
 # What the trainer, `vit-accel eval` and `vit-accel bench` call, and nothing else.
 SEAM = {"name", "recipe", "model", "unavailable_reason", "model_options", "setup", "batch_per_call",
         "steps_per_call", "eval_batch_size", "wrap_train_loader", "train_step", "eval_step", "save_state",
-        "load_state", "close", "rank", "world_size", "is_main"}
+        "load_state", "close"}
 MUST_IMPLEMENT = {"setup", "batch_per_call", "eval_batch_size", "train_step", "eval_step", "save_state", "load_state"}
 
 
@@ -85,3 +86,34 @@ def test_fp16_loss_scaler_skips_an_overflowing_step_and_checkpoints_its_scale():
     q = LossScaledFP16("cpu")
     q.load_state_dict(saved)
     assert q.scaler.get_scale() == 2.0 ** 15
+
+
+def test_train_and_eval_release_the_backend_on_success_and_on_error(tmp_path, monkeypatch):
+    """close() leaves the process group: left to the exit handlers, a torchrun gloo group ended
+    successful runs with SIGABRT ("terminate called without an active exception")."""
+    from vit_accel.cli import main
+    from vit_accel.config import load_recipe
+    from vit_accel.engine.trainer import list_checkpoints, train
+
+    left = []
+    monkeypatch.setattr(distributed, "leave_process_group", lambda: left.append(1))
+    monkeypatch.chdir(tmp_path)
+    tiny = ["model.depth=1", "train.global_batch_size=16", "cpu.micro_batch_size=16", "schedule.total_steps=1",
+            "schedule.warmup_steps=0", "train.eval_every=0", "data.workers=0", f"data.root={tmp_path / 'data'}"]
+    train(load_recipe("vit-ti-digits", tiny, backends=["cpu"]), "cpu", run_dir=str(tmp_path / "ok"), progress=False)
+    assert left == [1]
+    args = ["eval", "--backend", "cpu", "--config", "vit-ti-digits", "--checkpoint", str(list_checkpoints(tmp_path / "ok")[-1])]
+    assert main(args + [x for kv in tiny for x in ("--set", kv)]) == 0
+    assert left == [1, 1]
+
+    def broken_step(self, images, labels, lr):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(CPUBackend, "train_step", broken_step)
+    try:
+        train(load_recipe("vit-ti-digits", tiny, backends=["cpu"]), "cpu", run_dir=str(tmp_path / "bad"), progress=False)
+    except RuntimeError as e:
+        assert "device lost" in str(e)
+    else:
+        pytest.fail("the failing step did not fail the run")
+    assert left == [1, 1, 1]

@@ -52,3 +52,28 @@ def test_two_processes_leave_the_group_after_collectives_every_time(tmp_path):
         log.seek(0)
         out = log.read()
         assert p.returncode == 0 and ("rounds %d" % ROUNDS) in out, out[-3000:]
+
+
+ENDING = r"""
+import atexit, sys, torch.distributed as dist
+from vit_accel.engine import distributed
+atexit.register(lambda: print("finalized", flush=True))
+if sys.argv[1] == "group":
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=0, world_size=1)
+    distributed.leave_process_group()
+print("done", flush=True)
+distributed.end_process(3)
+"""
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_a_process_that_was_in_a_group_ends_without_finalization(tmp_path, group):
+    """`vit-accel` ends through end_process: after a group the interpreter's finalization (where a
+    gloo thread still freeing a collective's tensors aborts the process) is skipped; otherwise
+    the process exits as usual. Either way the exit code and the printed output arrive."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, "-c", ENDING, "group" if group else "alone", str(tmp_path / "rdv")],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 3, p.stderr[-2000:]
+    assert "done" in p.stdout
+    assert ("finalized" in p.stdout) is (not group)

@@ -144,21 +144,11 @@ def _env() -> dict:
     return env
 
 
-# A rank of a gloo + DeepSpeed CPU run has been seen, once in several full runs on a loaded 2-core
-# machine, to abort in C++ right after DeepSpeed loads its shared-memory comm extension
-# ("terminate called without an active exception", SIGABRT) before any of our code ran a step.
-# Such a launch is retried once, saying so; any other failure, or a second abort, fails the test.
-NATIVE_ABORT = "terminate called without an active exception"
-
-
-def _run(cmd, cwd, timeout, retry_native_abort=True):
+def _run(cmd, cwd, timeout):
     try:
         p = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"timed out after {timeout} s: {' '.join(map(str, cmd))}\n{(e.stdout or '')[-3000:]}")
-    if p.returncode != 0 and retry_native_abort and NATIVE_ABORT in p.stdout + p.stderr:
-        print(f"native abort in a rank ({NATIVE_ABORT!r}); launching once more: {' '.join(map(str, cmd))}")
-        return _run(cmd, cwd, timeout, retry_native_abort=False)
     if p.returncode != 0:
         pytest.fail(f"exit {p.returncode}: {' '.join(map(str, cmd))}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
     return p

@@ -4,6 +4,7 @@
 Writes DIR/rank{R}.json: forward calls made and the summed result.
 """
 import argparse
+import dataclasses
 import json
 import os
 
@@ -12,7 +13,8 @@ import torch
 from vit_accel.backends import create_backend
 from vit_accel.config import load_recipe
 from vit_accel.data import build_eval_loader
-from vit_accel.engine.trainer import _with_shards, build_model, evaluate
+from vit_accel.engine import distributed
+from vit_accel.engine.trainer import build_model, evaluate
 
 p = argparse.ArgumentParser()
 p.add_argument("--val", required=True)
@@ -28,9 +30,10 @@ backend.setup(build_model(recipe, backend))
 calls = []
 inner = backend.eval_step
 backend.eval_step = lambda images: calls.append(images.shape[0]) or inner(images)
-loader = build_eval_loader(_with_shards(recipe, "", a.val), recipe.model.img_size, backend.eval_batch_size,
-                           rank=backend.rank, world_size=backend.world_size)
+loader = build_eval_loader(dataclasses.replace(recipe.data, val_shards=a.val), recipe.model.img_size, backend.eval_batch_size,
+                           rank=distributed.rank(), world_size=distributed.world_size())
 res = evaluate(backend, recipe, loader)
-with open(os.path.join(a.out, f"rank{backend.rank}.json"), "w") as f:
+with open(os.path.join(a.out, f"rank{distributed.rank()}.json"), "w") as f:
     json.dump({"calls": len(calls), "images": calls, "own_samples": loader.num_samples, **res}, f)
 backend.close()
+distributed.end_process(0)          # as the `vit-accel` command ends a process that was in a group

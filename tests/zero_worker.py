@@ -63,7 +63,7 @@ def run_steps(backend, start: int, end: int):
     r = backend.recipe
     out = []
     for step in range(start, end):
-        images, labels = batch(step, backend.rank, backend.batch_per_call)
+        images, labels = batch(step, distributed.rank(), backend.batch_per_call)
         res = backend.train_step(images, labels, lr_at(step, r.schedule, r.optim.lr))
         out.append(res.loss)
     return out
@@ -71,7 +71,7 @@ def run_steps(backend, start: int, end: int):
 
 def mean_over_ranks(backend, values):
     t = distributed.all_reduce_sum(torch.tensor(values, dtype=torch.float64))
-    return (t / backend.world_size).tolist()
+    return (t / distributed.world_size()).tolist()
 
 
 def main() -> None:
@@ -110,15 +110,15 @@ def main() -> None:
             # the weights a full run reaches, from rank 0's view, for bit-level comparisons
             sd = backend.model_state_dict()
             rec["state_keys"] = len(sd)
-        if backend.is_main:
+        if distributed.is_main():
             torch.save(logits, out / f"logits_{stage}_{precision}.pt")
         results[spec] = rec
     if int(os.environ.get("RANK", "0")) == 0:
         (out / "results.json").write_text(json.dumps(results, indent=1))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    distributed.barrier()
+    distributed.leave_process_group()
 
 
 if __name__ == "__main__":
     main()
+    distributed.end_process(0)          # as the `vit-accel` command ends a process that was in a group

@@ -1,6 +1,4 @@
 """`python -m vit_accel ...` (what torchrun and the launchers run)."""
-import sys
+from .cli import entry
 
-from .cli import main
-
-sys.exit(main())
+entry()

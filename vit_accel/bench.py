@@ -262,7 +262,17 @@ def environment(device: torch.device) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 
 def run_bench(args) -> int:
+    from .engine import distributed
+
+    try:
+        return _run_bench(args)
+    finally:  # a group joined by the backends (torchrun) is left here, not by the exit handlers
+        distributed.leave_process_group()
+
+
+def _run_bench(args) -> int:
     from .backends import resolve_backend
+    from .engine import distributed
 
     name = resolve_backend(args.backend)       # BackendUnavailable -> one line, exit 2
     if name == "ipu":
@@ -298,8 +308,7 @@ def run_bench(args) -> int:
         model = recipe.model.name
         title = (f"{model} {recipe.model.img_size}px, micro-batch {batch}, {precision}, {steps} steps after "
                  f"{warmup} warm-up, peak {peak if peak else 'unknown'} TFLOP/s")
-    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    if rank0:
+    if distributed.is_main():
         print(f"vit-accel bench --backend {name}: {title}  [{env['device']}, torch {env['torch']}]")
         print(format_table(results))
         if args.json:

@@ -61,29 +61,32 @@ def cmd_eval(args) -> int:
     from .checkpoints import load_pretrained
     from .engine.trainer import build_model, evaluate
     from .data import build_eval_loader
+    from .engine import distributed
 
     backend = create_backend(args.backend, recipe)
-    recipe.model.pretrained = ""
-    model = build_model(recipe, backend)
-    report = load_pretrained(model, args.checkpoint)
-    if backend.is_main:
-        print(f"loaded {args.checkpoint}: {report}")
-    if args.ema:
-        from .engine.ema import load_ema_weights
+    try:
+        recipe.model.pretrained = ""
+        model = build_model(recipe, backend)
+        report = load_pretrained(model, args.checkpoint)
+        if distributed.is_main():
+            print(f"loaded {args.checkpoint}: {report}")
+        if args.ema:
+            from .engine.ema import load_ema_weights
 
-        updates = load_ema_weights(model, args.checkpoint)
-        if backend.is_main:
-            print(f"evaluating the EMA weights ({updates} updates)")
-    backend.setup(model)
-    # evaluation needs only the validation split (the bundled digits write both on first use)
-    loader = build_eval_loader(recipe.data, recipe.model.img_size, backend.eval_batch_size,
-                               rank=backend.rank, world_size=backend.world_size)
-    res = evaluate(backend, recipe, loader)
-    if backend.is_main:
-        print(json.dumps(res) if args.json else
-              f"val top-1 {100 * res['val_top1']:.2f}%  top-5 {100 * res['val_top5']:.2f}%  "
-              f"loss {res['val_loss']:.4f}  ({res['val_count']} images)")
-    backend.close()
+            updates = load_ema_weights(model, args.checkpoint)
+            if distributed.is_main():
+                print(f"evaluating the EMA weights ({updates} updates)")
+        backend.setup(model)
+        # evaluation needs only the validation split (the bundled digits write both on first use)
+        loader = build_eval_loader(recipe.data, recipe.model.img_size, backend.eval_batch_size,
+                                   rank=distributed.rank(), world_size=distributed.world_size())
+        res = evaluate(backend, recipe, loader)
+        if distributed.is_main():
+            print(json.dumps(res) if args.json else
+                  f"val top-1 {100 * res['val_top1']:.2f}%  top-5 {100 * res['val_top5']:.2f}%  "
+                  f"loss {res['val_loss']:.4f}  ({res['val_count']} images)")
+    finally:
+        backend.close()
     return 0
 
 
@@ -256,5 +259,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The `vit-accel` command (and `python -m vit_accel`): ``main`` then the exit code."""
+    from .engine import distributed
+
+    distributed.end_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -111,20 +111,10 @@ class Backend:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Release devices and process groups."""
-
-    # -- process identity, for callers that hold only the backend (engine.distributed answers) --
-    @property
-    def rank(self) -> int:
-        return distributed.rank()
-
-    @property
-    def world_size(self) -> int:
-        return distributed.world_size()
-
-    @property
-    def is_main(self) -> bool:
-        return distributed.is_main()
+        """Release devices and process groups. The group is left here, not at interpreter exit:
+        torch's gloo group destroyed by the exit handlers ends the process with SIGABRT
+        ("terminate called without an active exception") after a run that succeeded."""
+        distributed.leave_process_group()
 
 
 # ---------------------------------------------------------------------------------------

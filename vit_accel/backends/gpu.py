@@ -18,7 +18,6 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..config import Recipe
-from ..engine import distributed
 from .base import BackendUnavailable
 from .cpu import CPUBackend
 
@@ -70,9 +69,6 @@ class GPUBackend(CPUBackend):
     def dist_backend(self) -> str:
         b = self.recipe.distributed.dist_backend
         return "nccl" if b == "auto" else b
-
-    def close(self) -> None:
-        distributed.leave_process_group()
 
     # -- model and optimizer ----------------------------------------------------------------
     def setup(self, model: torch.nn.Module) -> None:

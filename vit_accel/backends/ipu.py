@@ -29,7 +29,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError, Recipe
-from ..engine import distributed
 from .base import Backend, StepResult, full_weights, read_checkpoint, write_checkpoint
 from .pipeline import StagePlan, build_plan
 
@@ -466,5 +465,4 @@ class IPUBackend(Backend):
                 ex.destroy()
         self.infer_model = self.train_model = None
         self._on_device = None
-        if distributed.is_distributed():
-            distributed.leave_process_group()
+        super().close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import os
 import pickle
+import sys
 from typing import Any, Deque, List
 
 import torch
@@ -34,12 +35,14 @@ def is_main() -> bool:
     return rank() == 0
 
 
-# The tensors of the latest collectives, held until the group is left. A gloo worker thread
-# drops its reference to a collective's tensors after the caller's wait() returns; when that
-# is the last reference to a tensor Python created, freeing it takes the GIL (torch 2.0.1).
-# destroy_process_group joins those threads with the GIL held, so a free still pending then
-# never happens and the process never exits (a poprun instance hung after its last metric
-# gather this way). Held here, the last reference is always Python's own.
+# The tensors of the latest collectives, held for the life of the process. A gloo worker
+# thread drops its reference to a collective's tensors after the caller's wait() returns;
+# when that is the last reference to a tensor Python created, freeing it takes the GIL.
+# Two ways that ends a process: torch 2.0.1's destroy_process_group joins those threads
+# with the GIL held (a poprun instance never exited), and when the interpreter is already
+# finalizing, a thread that asks for the GIL is stopped by Python, which aborts through
+# C++ (SIGABRT, "terminate called without an active exception", after a run that
+# succeeded; seen on a loaded machine). Held here, the last reference is always Python's.
 _RECENT: Deque[torch.Tensor] = collections.deque(maxlen=64)
 
 
@@ -121,7 +124,28 @@ def join_process_group(backend: str) -> None:
         dist.init_process_group(backend=backend)
 
 
+_WAS_IN_GROUP = False
+
+
 def leave_process_group() -> None:
+    global _WAS_IN_GROUP
     if dist.is_available() and dist.is_initialized():
+        _WAS_IN_GROUP = True
         dist.destroy_process_group()
-    _RECENT.clear()
+
+
+def end_process(code: int) -> None:
+    """Exit the command-line process with ``code``.
+
+    A process that was in a group ends without the interpreter's finalization (files are
+    written and closed by then; stdout and stderr are flushed here). Objects that still hold
+    the group (DeepSpeed's engine, DDP) keep its gloo threads alive after it is left; a
+    collective still completing there frees its tensors with the GIL while Python finalizes,
+    Python stops that thread, and the C++ runtime aborts the process (SIGABRT, "terminate
+    called without an active exception") after a run that succeeded.
+    """
+    if _WAS_IN_GROUP or (dist.is_available() and dist.is_initialized()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -175,6 +175,14 @@ def train(recipe: Recipe, backend_name: str = "auto", run_dir: Optional[str] = N
     ``stop_after``: end after this step (for tests and partial runs); checkpoints as usual.
     """
     backend = create_backend(backend_name, recipe)
+    try:
+        return _train_on(backend, recipe, run_dir, resume, progress, stop_after, trust_checkpoint)
+    finally:  # devices and the process group are released on success and on error alike
+        backend.close()
+
+
+def _train_on(backend: Backend, recipe: Recipe, run_dir: Optional[str], resume: Optional[str], progress: bool,
+              stop_after: Optional[int], trust_checkpoint: bool) -> Dict[str, Any]:
     check_optim_backend(recipe.optim, backend.name)
     check_ema_backend(recipe, backend.name)
     main = distributed.is_main()
@@ -197,7 +205,6 @@ def train(recipe: Recipe, backend_name: str = "auto", run_dir: Optional[str] = N
         say(f"run already complete: step {run.step} of schedule.total_steps {total}; nothing to train. "
             f"Its summary ({rd / 'summary.json'}):")
         say(format_summary(done))
-        backend.close()
         return done
     say(f"run directory {rd}; {backend.batch_per_call} images per call x {distributed.world_size()} process(es); "
         f"global batch {recipe.train.global_batch_size}; steps {run.step} -> {end}; schedule {run.schedule.describe()}")
@@ -207,9 +214,7 @@ def train(recipe: Recipe, backend_name: str = "auto", run_dir: Optional[str] = N
 
     t_start = time.time()
     last_loss = _run_steps(run, log, end)
-    summary = _finish(run, log, last_loss, t_start)
-    backend.close()
-    return summary
+    return _finish(run, log, last_loss, t_start)
 
 
 def _start_run(recipe: Recipe, backend: Backend, rd: Path, say) -> _Run:
