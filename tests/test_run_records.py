@@ -108,3 +108,23 @@ def test_consecutive_skips_stop_the_run_with_the_key(tmp_path, data_root, monkey
     with pytest.raises(FloatingPointError, match=r"3 optimizer steps in a row skipped by the fp16 loss scaler .*"
                                                  r"train.max_skipped_steps 3"):
         trainer.train(recipe, "gpu", run_dir=str(tmp_path / "nan"), progress=False)
+
+
+def test_a_run_directory_that_holds_a_run_is_continued_or_refused_never_mixed(tmp_path, data_root, capsys):
+    from vit_accel.cli import main
+
+    rd = tmp_path / "run"
+    args = ["train", "--backend", "cpu", "--config", "vit-ti-digits", "--run-dir", str(rd), "--no-progress",
+            "--set", f"data.root={data_root}", "--set", "schedule.total_steps=2", "--set", "schedule.warmup_steps=0",
+            "--set", "data.workers=0"] + [x for kv in SMALL if not kv.startswith("data.workers") for x in ("--set", kv)]
+    assert main(args) == 0
+    before = (rd / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(args) == 2                                # the same command again: refused, nothing touched
+    err = capsys.readouterr().err
+    assert "already holds a run (checkpoints up to step_0000002.pt and metrics.jsonl)" in err
+    assert "--resume auto" in err and "another --run-dir" in err
+    assert (rd / "metrics.jsonl").read_text() == before
+    assert main(args + ["--resume", "auto"]) == 0         # continuing it is allowed (already complete here)
+    assert "nothing to train" in capsys.readouterr().out
+    assert (rd / "metrics.jsonl").read_text() == before

@@ -69,7 +69,14 @@ def run_dir_and_checkpoint(recipe: Recipe, backend_name: str, run_dir: Optional[
     if resume == "auto" and run_dir is None:
         found = latest_run_dir(recipe, backend_name)
         run_dir = str(found) if found else None
-    rd = Path(distributed.broadcast_object(str(Path(run_dir) if run_dir else default_run_dir(recipe, backend_name))))
+    path = str(Path(run_dir) if run_dir else default_run_dir(recipe, backend_name))
+    # decided by rank 0 alone: another rank may look after rank 0 has started writing there
+    path, held = distributed.broadcast_object((path, None if resume else existing_run(Path(path))))
+    rd = Path(path)
+    if held:
+        raise ConfigError(f"--run-dir {rd} already holds a run ({held}); continue it with --resume auto, or start "
+                          f"a new one in another --run-dir (starting over here would mix the two runs' metrics "
+                          f"and checkpoints)")
     if resume == "auto":
         ckpts = list_checkpoints(rd)
         if not ckpts:
@@ -78,6 +85,18 @@ def run_dir_and_checkpoint(recipe: Recipe, backend_name: str, run_dir: Optional[
     if resume and not Path(resume).exists():
         raise ConfigError(f"--resume {resume}: no such checkpoint")
     return rd, Path(resume) if resume else None
+
+
+def existing_run(rd: Path) -> Optional[str]:
+    """What of an earlier run ``rd`` holds (checkpoints, metrics), or None."""
+    held = []
+    ckpts = list_checkpoints(rd)
+    if ckpts:
+        held.append(f"checkpoints up to {ckpts[-1].name}")
+    metrics = rd / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        held.append("metrics.jsonl")
+    return " and ".join(held) or None
 
 
 def completed_summary(rd: Path, step: int, total: int) -> Optional[Dict[str, Any]]:
