@@ -111,9 +111,9 @@ class Backend:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Release devices and process groups. The group is left here, not at interpreter exit:
-        torch's gloo group destroyed by the exit handlers ends the process with SIGABRT
-        ("terminate called without an active exception") after a run that succeeded."""
+        """Release devices and process groups. The group is left here, not at interpreter exit,
+        where a gloo thread still freeing a collective's tensors can abort a process whose run
+        succeeded (SIGABRT; see ``engine.distributed.end_process``)."""
         distributed.leave_process_group()
 
 

@@ -9,8 +9,8 @@ Python 3.8 / torch 2.0 compatible: the IPU path imports this module.
 from __future__ import annotations
 
 import collections
+import io
 import os
-import pickle
 import sys
 from typing import Any, Deque, List
 
@@ -72,14 +72,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def _to_bytes(obj: Any) -> torch.Tensor:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(_collective_device())
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8).to(_collective_device())
 
 
 def _from_bytes(t: torch.Tensor, n: int) -> Any:
-    # the bytes come from this run's own processes (the peers of the group), as in
-    # torch.distributed's object collectives
-    return pickle.loads(t[:n].cpu().numpy().tobytes())
+    # plain types and tensors only (what the host exchanges), never the full unpickler
+    return torch.load(io.BytesIO(t[:n].cpu().numpy().tobytes()), weights_only=True)
 
 
 def all_gather_object(obj: Any) -> List[Any]:
