@@ -262,15 +262,6 @@ def environment(device: torch.device) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 
 def run_bench(args) -> int:
-    from .engine import distributed
-
-    try:
-        return _run_bench(args)
-    finally:  # a group joined by the backends (torchrun) is left here, not by the exit handlers
-        distributed.leave_process_group()
-
-
-def _run_bench(args) -> int:
     from .backends import resolve_backend
     from .engine import distributed
 
