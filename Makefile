@@ -11,7 +11,7 @@ INTERP  = $$($(PY) -c "import torch; print('' if torch.cuda.is_available() else 
 
 venv: $(STAMP)
 
-$(STAMP): setup.py constraints.txt
+$(STAMP): pyproject.toml setup.py constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1

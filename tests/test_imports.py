@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Dict, List, Set
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = {"vit_accel": ROOT / "vit_accel", "vit_accel_kernels": ROOT / "kernels"}
+PACKAGES = {"vit_accel": ROOT / "vit_accel", "vit_accel_kernels": ROOT / "vit_accel_kernels"}
 
 
 def _modules() -> Dict[str, Path]:

@@ -54,4 +54,4 @@ def __getattr__(name):  # PEP 562: load triton only when a kernel is asked for
     if name in _LAZY:
         submodule, attr = _LAZY[name]
         return getattr(importlib.import_module(f".{submodule}", __name__), attr)
-    raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
