@@ -27,7 +27,7 @@ from .ema import ModelEMA, check_ema_backend, ema_parameters
 from .optim import check_optim_backend
 from .rundir import list_checkpoints  # noqa: F401  (where tests and tools look for it)
 from .rundir import completed_summary, last_logged, run_dir_and_checkpoint, save_checkpoint, set_rng_state
-from .runlog import RunLog, format_summary, plot_curves
+from .runlog import RunLog, format_summary, plot_curves, write_schedule
 from .schedule import build_schedule, needs_train_samples
 
 # ---------------------------------------------------------------------------------------
@@ -211,6 +211,7 @@ def _train_on(backend: Backend, recipe: Recipe, run_dir: Optional[str], resume: 
     log = RunLog(rd, total, run.step, enabled=main, progress=progress)
     if main:
         (rd / "recipe.yaml").write_text(recipe.to_yaml())
+        write_schedule(rd, run.schedule)   # curves.png draws the rate of every step from it
 
     t_start = time.time()
     last_loss = _run_steps(run, log, end)
