@@ -105,7 +105,7 @@ class ScheduleConfig:
     total_steps: int = 5000
     warmup_steps: int = 800
     warmup_start_factor: float = 0.02     # lr at step 0 = factor x lr
-    kind: str = "cosine"                  # a name of engine/schedule.py SCHEDULES (each source's own formula)
+    kind: str = "cosine"                  # a name of SCHEDULES (each source's own formula, engine/schedule.py)
     min_lr: float = 0.0
     epochs: float = 0.0                   # run length in epochs instead of total_steps (0 = use total_steps)
     warmup_epochs: float = 0.0            # warm-up in epochs instead of warmup_steps
@@ -416,6 +416,58 @@ def batch_split(global_batch: int, micro_batch: int, world_size: int, requested:
     return micro, share // micro
 
 
+# schedule.kind -> what it computes (engine/schedule.py, each as its source does)
+SCHEDULES: Dict[str, str] = {
+    "cosine": "linear warm-up, then cosine from lr to min_lr over the steps after warm-up",
+    "constant": "linear warm-up, then constant lr",
+    "mmcv_cosine": "mmcv 1.x CosineAnnealing by iteration, linear warm-up multiplying it (warmup_ratio)",
+    "mmengine_linear_cosine": "mmengine LinearLR per iteration over warmup_epochs, then CosineAnnealingLR per epoch",
+    "classy_composite": "ClassyVision composite: linear (rescaled) for warmup_fraction, then cosine (fixed)",
+    "classy_cosine": "ClassyVision cosine over the whole run, per step",
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Static checks of the schedule section (engine/schedule.py computes the rates)
+# ---------------------------------------------------------------------------------------
+
+def is_whole(x: float) -> bool:
+    return abs(x - round(x)) < 1e-9
+
+
+def check_schedule(cfg: ScheduleConfig) -> None:
+    """Static checks of a schedule section; errors name the keys and the valid values."""
+    if cfg.kind not in SCHEDULES:
+        raise ConfigError(f"schedule.kind: {cfg.kind!r} is not one of {', '.join(SCHEDULES)}")
+    for key in ("total_steps", "warmup_steps", "epochs", "warmup_epochs", "warmup_fraction", "min_lr"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"schedule.{key} must be >= 0, got {getattr(cfg, key)}")
+    if (cfg.total_steps > 0) == (cfg.epochs > 0):
+        raise ConfigError(f"schedule: give the run's length once, total_steps (optimizer steps) or epochs; got "
+                          f"total_steps {cfg.total_steps} and epochs {cfg.epochs} (set the other one to 0)")
+    warm = [k for k in ("warmup_steps", "warmup_epochs", "warmup_fraction") if getattr(cfg, k) > 0]
+    if len(warm) > 1:
+        raise ConfigError(f"schedule: give the warm-up once; got {' and '.join(f'{k} {getattr(cfg, k)}' for k in warm)}"
+                          f" (set the others to 0)")
+    if cfg.warmup_fraction >= 1:
+        raise ConfigError(f"schedule.warmup_fraction {cfg.warmup_fraction} must be below 1 (a fraction of the run)")
+    if not 0 <= cfg.warmup_start_factor <= 1:
+        raise ConfigError(f"schedule.warmup_start_factor {cfg.warmup_start_factor} must be in [0, 1]")
+    if cfg.kind == "mmengine_linear_cosine":
+        if not (cfg.epochs > 0 and is_whole(cfg.epochs) and cfg.warmup_epochs > 0 and is_whole(cfg.warmup_epochs)):
+            raise ConfigError(f"schedule.kind mmengine_linear_cosine counts whole epochs (its cosine steps once per "
+                              f"epoch): set schedule.epochs and schedule.warmup_epochs to whole numbers, got epochs "
+                              f"{cfg.epochs}, warmup_epochs {cfg.warmup_epochs} (total_steps and warmup_steps 0)")
+    if cfg.kind == "classy_composite" and not cfg.warmup_fraction > 0:
+        raise ConfigError("schedule.kind classy_composite needs schedule.warmup_fraction (its lengths[0], e.g. 0.1) "
+                          "and warmup_steps 0")
+    if cfg.kind == "classy_cosine" and warm:
+        raise ConfigError(f"schedule.kind classy_cosine has no warm-up; set {warm[0]} to 0 (or use classy_composite)")
+    if cfg.total_steps and cfg.warmup_steps and cfg.warmup_steps >= cfg.total_steps:
+        raise ConfigError(f"schedule: warmup_steps {cfg.warmup_steps} >= total_steps {cfg.total_steps}: the warm-up "
+                          f"must end before the run does")
+
+
 def validate(r: Recipe, backends: Optional[List[str]] = None) -> None:
     from .model import VARIANTS
 
@@ -447,12 +499,8 @@ def validate(r: Recipe, backends: Optional[List[str]] = None) -> None:
         _one_of(f"gpu.{k}", getattr(r.gpu, k), ("triton", "torch"))
     _one_of("distributed.zero_stage", r.distributed.zero_stage, (-1, 0, 1, 2, 3))
     _one_of("pipeline.schedule", r.pipeline.schedule, ("gpipe", "1f1b"))
-    if r.data.source == "shards" and not r.data.train_shards:
-        pass  # allowed at load time (eval-only, plan); the trainer asks for it when it needs data
     if len(r.data.mean) != 3 or len(r.data.std) != 3:
         raise ConfigError("data.mean and data.std need 3 values (RGB)")
-    from .engine.schedule import check_schedule
-
     check_schedule(r.schedule)
     g = r.train.global_batch_size
     if g <= 0:

@@ -145,7 +145,7 @@ def _kernel(module: str, option: str, portable: str):
         raise NotImplementedError(
             f"{option}='triton' needs the kernels package and triton ({e}); "
             f"install vit-accel with the [gpu] extra, or choose {option}='{portable}'") from e
-    if not (torch.cuda.is_available() or getattr(mod, "INTERPRETING", False)):
+    if not (torch.cuda.is_available() or importlib.import_module("vit_accel_kernels").INTERPRETING):
         raise ValueError(
             f"{option}='triton' needs a CUDA device (or TRITON_INTERPRET=1 set before the kernels are "
             f"imported) and this process has neither; choose {option}='{portable}' to run on the CPU")

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, Recipe
 from .base import Backend, StepResult, full_weights, read_checkpoint, write_checkpoint
-from .pipeline import StagePlan, build_plan
+from .pipeline import build_plan
+from .stages import StagePlan
 
 log = logging.getLogger(__name__)
 
