@@ -33,3 +33,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--one-per-file", action="store_true",
+                     help="run only the first test of each file (tools/gpu_check.sh --dry-run)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--one-per-file"):
+        return
+    seen, keep, drop = set(), [], []
+    for item in items:
+        (drop if item.fspath in seen else keep).append(item)
+        seen.add(item.fspath)
+    config.hook.pytest_deselected(items=drop)
+    items[:] = keep
