@@ -68,13 +68,6 @@ def local_path(url: str) -> str:
     return re.sub(r"^file://", "", url)
 
 
-def resolve_shards(spec: str) -> ShardList:
-    """Shard spec -> urls with sample counts: which forms, and what a manifest may give, is in specs.py."""
-    from .specs import resolve
-
-    return resolve(spec)
-
-
 # ----------------------------------------------------------------------------- tar records
 
 class TarStream:

@@ -36,7 +36,7 @@ from .shards import MANIFEST_FORMAT, ShardError, read_manifest
 _ANNOUNCED: Set[str] = set()
 
 
-def resolve(spec: str) -> ShardList:
+def resolve_shards(spec: str) -> ShardList:
     """Shard spec -> urls with sample counts (see the module docstring for the forms)."""
     spec = (spec or "").strip()
     if not spec:
