@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import trust_payloads as tp
-from vit_accel.checkpoints import CheckpointError, load_pretrained, model_from_checkpoint, save_checkpoint
+from vit_accel.checkpoints import CheckpointError, load_pretrained, model_from_checkpoint
 from vit_accel.checkpoints.files import load_plain, load_untrusted, read
 from vit_accel.checkpoints.unpickle import StandIn, StrictUnpickler, pickle_module
 from vit_accel.cli import main
