@@ -31,7 +31,8 @@ test: $(STAMP) lint-py38
 
 # The IPU path under torch 2.0.1, the torch PopTorch 3.3/3.4 pin: Python 3.8 (pyenv's, else
 # python3.8, else python3), PyPI's torch 2.0.1 (CUDA 11.7 build: 2.3 min, 4.5 GB cold), the IPU
-# tests with the PopTorch double, the op coverage check and the digits recipe end to end.
+# tests with the PopTorch double, the op coverage check and the digits recipe end to end, and the
+# strict checkpoint reader against every generated pickle attack (its in-process tests).
 PY38    ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.8.*/bin/python3.8) $(shell command -v python3.8) python3)
 VENV20  ?= .venv-torch20
 STAMP20 := $(VENV20)/.installed
@@ -46,6 +47,7 @@ $(STAMP20): constraints-torch20.txt
 
 test-torch20: $(STAMP20)
 	env PYTHONPATH=$(CURDIR) $(VENV20)/bin/python -m pytest -q -p no:cacheprovider $(IPU_TESTS)
+	env PYTHONPATH=$(CURDIR) $(VENV20)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" tests/test_trust.py
 
 bench: $(STAMP)
 	$(PY) -m pytest -q tests/bench -m bench

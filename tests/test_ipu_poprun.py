@@ -23,7 +23,7 @@ from vit_accel.backends.ipu import IPUBackend
 from vit_accel.config import ConfigError, load_recipe
 from vit_accel.data.digits import ensure_digits
 from vit_accel.data import EvalLoader
-from vit_accel.data.reader import resolve_shards
+from vit_accel.data import resolve_shards
 from vit_accel.engine.trainer import list_checkpoints
 from vit_accel.model import ViTConfig, ViT
 

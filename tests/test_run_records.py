@@ -128,3 +128,28 @@ def test_a_run_directory_that_holds_a_run_is_continued_or_refused_never_mixed(tm
     assert main(args + ["--resume", "auto"]) == 0         # continuing it is allowed (already complete here)
     assert "nothing to train" in capsys.readouterr().out
     assert (rd / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("failure", [None, RuntimeError("protobuf is too new")], ids=["not-installed", "broken"])
+def test_tensorboard_absent_is_quiet_and_broken_is_said(tmp_path, monkeypatch, capsys, failure):
+    import sys
+    import types
+
+    from vit_accel.engine.runlog import RunLog
+
+    if failure is None:
+        monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)    # the import raises ImportError
+    else:
+        def broken(*args, **kwargs):
+            raise failure
+
+        monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=broken))
+    log = RunLog(tmp_path, total_steps=2, start_step=0, progress=False)
+    log.write({"step": 1, "loss": 0.5})
+    log.close()
+    err = capsys.readouterr().err
+    assert log.tb is None and json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 0.5
+    if failure is None:
+        assert err == ""
+    else:
+        assert "TensorBoard is installed but failed (RuntimeError: protobuf is too new)" in err

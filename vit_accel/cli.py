@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
@@ -43,8 +44,17 @@ def _load_for_backend(args):
     return load_recipe(args.config, args.overrides, backends=[args.backend])
 
 
+def _say(text: str) -> None:
+    """A line on stderr from rank 0 of a launch (every rank would say the same)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(text, file=sys.stderr, flush=True)
+
+
 def cmd_train(args) -> int:
     recipe = _load_for_backend(args)
+    if any(o.split("=", 1)[0].strip().startswith("pipeline.") for o in args.overrides):
+        _say("vit-accel train: pipeline.* is read by `vit-accel plan` and the pipelining runner only; train does "
+             "not pipeline (it trains data parallel; on IPUs the stages are ipu.splits), so it is ignored here")
     if args.print_config:
         print(recipe.to_yaml(), end="")
         return 0
@@ -56,7 +66,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    asked = args.backend
     recipe = _load_for_backend(args)
+    if asked == "auto":
+        _say(f"vit-accel eval: --backend auto chose {args.backend}")
     from .backends import create_backend
     from .checkpoints import load_pretrained
     from .engine.trainer import build_model, evaluate
@@ -193,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--trust-checkpoint", action="store_true",
-                   help="read the --resume file with the full unpickler, which RUNS ANY CODE the file names: "
-                        "only for an older checkpoint you wrote yourself")
+                   help="read the --resume file (and a ZeRO run's .ds folder) with the full unpickler, which RUNS "
+                        "ANY CODE the files name: only for a checkpoint you wrote yourself")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 
@@ -260,10 +273,25 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def entry() -> None:
-    """The `vit-accel` command (and `python -m vit_accel`): ``main`` then the exit code."""
+    """The `vit-accel` command (and `python -m vit_accel`): ``main`` then the exit code.
+
+    Every way out goes through ``end_process``, an exception escaping ``main`` too (its traceback
+    is printed, exit code 1): after a process group, the interpreter's finalization is what aborts.
+    """
     from .engine import distributed
 
-    distributed.end_process(main())
+    try:
+        code = main()
+    except SystemExit as e:               # argparse, or sys.exit inside a command
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:                 # a defect: say where, then leave as every run does
+        traceback.print_exc()
+        code = 1
+    distributed.end_process(code)
 
 
 if __name__ == "__main__":

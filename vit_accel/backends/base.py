@@ -105,8 +105,9 @@ class Backend:
     def load_state(self, path: Path, trust: bool = False) -> Dict[str, Any]:
         """Restore model and optimizer from a ``save_state`` checkpoint; returns its contents (``extra``).
 
-        Only tensors and plain types are read (``trust=True``: the full unpickler, for an older
-        file the user vouches for).
+        The file is read by the strict unpickler without stand-ins (tensors, containers, numpy
+        data; ``checkpoints/unpickle.py``); ``trust=True`` is the full unpickler, for a file the
+        user vouches for.
         """
         raise NotImplementedError
 

@@ -148,7 +148,7 @@ class CPUBackend(Backend):
 
     def load_state(self, path, trust: bool = False) -> Dict[str, Any]:
         if self.strategy is not None:
-            return self.strategy.load_state(path)   # DeepSpeed's own files, read by DeepSpeed
+            return self.strategy.load_state(path, trust)   # DeepSpeed's own files, checked, then read by DeepSpeed
         payload = read_checkpoint(path, trust, self.name)
         unwrap(self.model).load_state_dict(payload["model"])
         if payload["optimizer"] is not None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -232,19 +233,78 @@ class DeepSpeedStrategy:
             extra["vit_config"] = cfg
         return write_checkpoint(path, self.model_state_dict(), None, extra, b.name)
 
-    def load_state(self, path) -> Dict[str, Any]:
-        """Resume model, optimizer and loss scale from ``PATH.ds/``; returns the saved ``extra``."""
+    def load_state(self, path, trust: bool = False) -> Dict[str, Any]:
+        """Resume model, optimizer and loss scale from ``PATH.ds/``; returns the saved ``extra``.
+
+        DeepSpeed reads its files with the full unpickler: they are checked first
+        (``check_deepspeed_checkpoint``) unless ``trust`` (``--trust-checkpoint``).
+        """
         path = Path(path)
         ds_dir = path if path.is_dir() else deepspeed_dir(path)
         if not ds_dir.is_dir():
             raise ConfigError(f"{path}: no DeepSpeed state beside it ({ds_dir.name}/ missing), so the optimizer "
                               "cannot be resumed under ZeRO; to start from its weights use "
                               f"--set model.pretrained={path}")
+        if not trust:
+            check_deepspeed_checkpoint(ds_dir)
         load_path, client = self.engine.load_checkpoint(str(ds_dir), tag=None, load_optimizer_states=True,
                                                         load_lr_scheduler_states=False)
         if load_path is None:
             raise ConfigError(f"{ds_dir}: DeepSpeed found no checkpoint there (no 'latest' tag file)")
         return dict(client or {})
+
+
+# The objects of DeepSpeed's own classes in its ZeRO checkpoints (0.19.8, stages 0-3, fp32, bf16
+# and fp16): the optimizer state's loss scaler, the ZeRO stage as an enum, and each parameter's
+# fragment address. Two ways to keep DeepSpeed's full unpickler from running foreign code were
+# open: keep these objects out of the files, or allow exactly these pairs. Keeping them out means
+# rewriting DeepSpeed's optimizer state format, which its loader reads back as objects (it calls
+# the loss scaler's methods), for every stage and version. Allowing them is narrow: building any
+# of them runs no code beyond setting attributes and an enum lookup, the check below builds them
+# as inert stand-ins (it never imports DeepSpeed classes), and every other global stays refused.
+DEEPSPEED_OBJECTS = (("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+                     ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+                     ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                     ("deepspeed.utils.tensor_fragment", "fragment_address"))
+# Scripts DeepSpeed copies beside its checkpoint for users (consolidating by hand); loading never
+# reads or runs them.
+_DEEPSPEED_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+
+
+def check_deepspeed_checkpoint(ds_dir: Path) -> None:
+    """Before DeepSpeed (whose loader is the full unpickler) touches ``ds_dir``: its ``latest`` tag
+    names a folder inside it, and every other file reads with the strict unpickler (tensors, plain
+    types and ``DEEPSPEED_OBJECTS``, as inert stand-ins; no tensor data is read). A file that needs
+    more is refused, naming it: ``--trust-checkpoint`` skips this check."""
+    from ..checkpoints.files import CheckpointError, load_torch
+
+    ds_dir = Path(ds_dir)
+    trust = ("resume a ZeRO checkpoint you wrote yourself with --trust-checkpoint, which lets DeepSpeed read it "
+             "with the full unpickler (it runs whatever code the files name)")
+    latest = ds_dir / "latest"
+    if latest.is_file():
+        tag = latest.read_text(errors="replace").strip()
+        if not re.fullmatch(r"[\w.-]+", tag) or tag in (".", "..") or not (ds_dir / tag).is_dir():
+            raise CheckpointError(f"{latest}: refused: it names {tag[:80]!r}, not a checkpoint folder inside "
+                                  f"{ds_dir} (DeepSpeed would read the files it points at); {trust}")
+    for f in _files_under(ds_dir):
+        if f == latest or (f.parent == ds_dir and f.name in _DEEPSPEED_SCRIPTS):
+            continue
+        load_torch(f, standins=DEEPSPEED_OBJECTS, map_location="meta", hint=trust)
+
+
+def _files_under(root: Path):
+    """Every file below ``root``, through linked folders as DeepSpeed would open them (each folder once)."""
+    seen = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        for name in sorted(files):
+            yield Path(folder) / name
 
 
 def deepspeed_dir(path: Path) -> Path:
@@ -303,4 +363,4 @@ def _quiet(deepspeed) -> None:
         deepspeed.utils.logger.setLevel(logging.WARNING)
 
 
-__all__ = ["DeepSpeedStrategy", "deepspeed_config", "deepspeed_dir"]
+__all__ = ["DeepSpeedStrategy", "check_deepspeed_checkpoint", "deepspeed_config", "deepspeed_dir"]

@@ -32,7 +32,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .loader import TrainLoader
-from .reader import DataError, iter_records, resolve_shards
+from .reader import DataError, iter_records
+from .specs import resolve_shards
 from .shards import IMAGE_EXTENSIONS, ShardError
 from .transforms import random_resized_crop_box, resample_filter
 

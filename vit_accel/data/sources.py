@@ -10,7 +10,8 @@ from typing import Any, Tuple
 
 from .eval_loader import EvalLoader
 from .loader import TrainLoader
-from .reader import DataError, ShardList, check_local_shards, resolve_shards
+from .reader import DataError, ShardList
+from .specs import check_local_shards, resolve_shards
 from .transforms import eval_resize_size
 
 SOURCES = ("shards", "digits")

@@ -33,8 +33,12 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.run_dir / "tb"))
-        except Exception:
+        except ImportError:
             self.tb = None
+        except Exception as e:  # installed but broken: the run goes on, and says what is missing
+            self.tb = None
+            print(f"vit-accel: warning: TensorBoard is installed but failed ({type(e).__name__}: {e}); "
+                  f"no TensorBoard events are written (metrics.jsonl has every value)", file=sys.stderr, flush=True)
 
     def advance(self, n: int, postfix: Dict[str, str]) -> None:
         if self.bar is not None:

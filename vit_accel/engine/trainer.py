@@ -170,8 +170,8 @@ def train(recipe: Recipe, backend_name: str = "auto", run_dir: Optional[str] = N
           trust_checkpoint: bool = False) -> Dict[str, Any]:
     """Train ``recipe`` on a backend; returns the summary (also written to summary.json).
 
-    ``resume``: a checkpoint path, or "auto" for the latest in the run directory; it is read as
-    tensors and plain types only unless ``trust_checkpoint`` (the full unpickler runs its code).
+    ``resume``: a checkpoint path, or "auto" for the latest in the run directory; it is read by the
+    strict unpickler unless ``trust_checkpoint`` (the full unpickler, which runs the code a file names).
     ``stop_after``: end after this step (for tests and partial runs); checkpoints as usual.
     """
     backend = create_backend(backend_name, recipe)
