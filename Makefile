@@ -7,7 +7,9 @@ STAMP   := $(VENV)/.installed
 # the test recipe runs (after the environment exists), not when make starts.
 INTERP  = $$($(PY) -c "import torch; print('' if torch.cuda.is_available() else 'TRITON_INTERPRET=1')")
 
-.PHONY: venv train test test-fast lint-py38 bench clean test-torch20
+.PHONY: venv envs train test test-fast lint-py38 bench clean test-torch20
+# pytest-xdist workers: one per core (each takes one intra-op thread, tests/conftest.py)
+JOBS    ?= auto
 
 venv: $(STAMP)
 
@@ -25,9 +27,18 @@ train: $(STAMP)
 lint-py38: $(STAMP)
 	$(PY) tools/check_py38.py
 
-test: $(STAMP) lint-py38
-	env $(INTERP) $(PY) -m pytest -q -rs tests
+# Both test environments build at once (each mostly waits on downloads and disk), then the suite
+# runs on every core, then the IPU tests under torch 2.0.1.
+envs:
+	$(MAKE) -j2 $(STAMP) $(STAMP20)
+
+test: envs lint-py38
+	env $(INTERP) $(PY) -m pytest -q -rs -n $(JOBS) --dist worksteal tests
 	$(MAKE) test-torch20
+
+# The inner loop: everything but the multi-process and end-to-end runs (marker `slow`).
+test-fast: $(STAMP)
+	env $(INTERP) $(PY) -m pytest -q -rs -n $(JOBS) --dist worksteal -m "not slow and not bench" tests
 
 # The IPU path under torch 2.0.1, the torch PopTorch 3.3/3.4 pin: Python 3.8 (pyenv's, else
 # python3.8, else python3), PyPI's torch 2.0.1 (CUDA 11.7 build: 2.3 min, 4.5 GB cold), the IPU
