@@ -6,7 +6,6 @@ code of vit_accel/backends/ipu.py, unchanged.
 """
 import importlib
 import json
-import os
 import sys
 
 import pytest
@@ -14,11 +13,10 @@ import torch
 import torch.nn.functional as F
 
 import poptorch_double
-from vit_accel.backends import ipu as ipu_mod
 from vit_accel.backends.ipu import (IPUBackend, apply_plan, build_inference_options, build_optimizer,
-                                    build_options, cross_entropy, make_poptorch_loader)
+                                    build_options, cross_entropy)
 from vit_accel.backends.pipeline import build_plan
-from vit_accel.config import load_recipe
+from vit_accel.config import ConfigError, load_recipe
 from vit_accel.model import create_vit
 
 try:
@@ -298,19 +296,8 @@ def test_loader_wrapping(double):
     b.setup(m)
     loader = [batch(16)]
     assert b.wrap_train_loader(loader) is loader          # no position to checkpoint: unchanged
-
-    class Samples(torch.utils.data.IterableDataset):
-        def __iter__(self):
-            for i in range(40):
-                yield torch.full((3, 16, 16), i, dtype=torch.uint8), i % 5
-
-    opts = build_options(r, double)
-    dl = make_poptorch_loader(opts, Samples(), micro_batch_size=4, buffer_size=3)
-    assert dl.mode == double.DataLoaderMode.AsyncRebatched
-    assert dl.async_options == {"load_indefinitely": True, "buffer_size": 3}
-    assert [tuple(x.shape) for x, _ in dl] == [(16, 3, 16, 16)] * 2   # combined batches, last dropped
-    with pytest.raises(AttributeError, match="frozen"):
-        opts.replicationFactor(2)
+    with pytest.raises(ConfigError, match="ipu.loader_mode: 'async' is not one of sync, async_rebatched"):
+        small_backend(["ipu.loader_mode=async"])
 
 
 # ---------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def poprun(cwd, extra, instances=2):
         env = dict(os.environ, OMPI_COMM_WORLD_RANK=str(i), OMPI_COMM_WORLD_SIZE=str(instances),
                    POPDIST_NUM_TOTAL_REPLICAS="2", POPDIST_NUM_IPUS_PER_REPLICA="2", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, ".shim"), os.environ.get("PYTHONPATH", "")]))
+                   PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
         logs.append(os.path.join(str(cwd), "instance%d-%d.log" % (i, port)))
         with open(logs[-1], "w") as log:
             procs.append(subprocess.Popen([sys.executable, INSTANCE] + ARGS + list(extra), cwd=cwd, env=env,

@@ -241,25 +241,14 @@ def build_optimizer(model: nn.Module, recipe: Recipe, poptorch):
     raise ConfigError(f"optim.name: {o.name!r} has no PopTorch optimizer here; use sgd or adamw")
 
 
-def make_poptorch_loader(options, dataset, micro_batch_size: int, num_workers: int = 0, buffer_size: int = 8,
-                         mode: str = "async_rebatched"):
-    """``poptorch.DataLoader`` over a per-sample dataset of your own: each item is one call's
-    combined batch (micro x device iterations x replicas x accumulation). Async modes load in
-    a separate process through a ring buffer of ``buffer_size`` batches. Freezes ``options``.
-    The trainer feeds the IPU through ``ipu_feed.ReadAhead`` instead (exact resume)."""
-    poptorch = _poptorch()
-    modes = {"sync": poptorch.DataLoaderMode.Sync, "async": poptorch.DataLoaderMode.Async,
-             "async_rebatched": poptorch.DataLoaderMode.AsyncRebatched}
-    kwargs: Dict[str, Any] = dict(batch_size=micro_batch_size, num_workers=num_workers,
-                                  mode=_choice("ipu.loader_mode", mode, modes))
-    if mode != "sync":
-        kwargs["async_options"] = {"load_indefinitely": True, "buffer_size": buffer_size}
-    return poptorch.DataLoader(options, dataset, **kwargs)
-
-
 # ---------------------------------------------------------------------------------------
 # The backend
 # ---------------------------------------------------------------------------------------
+
+# async_rebatched (the recipe's word, after poptorch.DataLoaderMode.AsyncRebatched): the loader is read
+# ahead on the host by ipu_feed.ReadAhead, which keeps the exact position for checkpoints
+LOADER_MODES = {"sync": "the loader as it is", "async_rebatched": "read ahead by a host thread"}
+
 
 class IPUBackend(Backend):
     name = "ipu"
@@ -268,7 +257,7 @@ class IPUBackend(Backend):
         super().__init__(recipe)
         self.plan = build_plan(recipe)          # validate before any device work
         ipu = recipe.ipu
-        _choice("ipu.loader_mode", ipu.loader_mode, {"sync": 0, "async": 1, "async_rebatched": 2})
+        _choice("ipu.loader_mode", ipu.loader_mode, LOADER_MODES)
         self._local_replicas = ipu.replicas
         pd = _popdist()
         if pd is not None:                      # poprun: replicas split over instances (unverified)
@@ -421,7 +410,7 @@ class IPUBackend(Backend):
 
     # -- loader -----------------------------------------------------------------------------
     def wrap_train_loader(self, loader):
-        """``ipu.loader_mode`` async / async_rebatched: the trainer's resumable loader read
+        """``ipu.loader_mode`` async_rebatched: the trainer's resumable loader read
         ``ipu.buffer_size`` calls ahead by a host thread that also normalizes and casts the
         images (``ipu_feed.ReadAhead``; checkpoints keep the exact position); sync: unchanged."""
         from .ipu_feed import ReadAhead
