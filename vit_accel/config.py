@@ -96,7 +96,7 @@ class OptimConfig:
     eps: float = 1e-8
     label_smoothing: float = 0.0
     clip_grad_norm: float = 0.0           # 0 = no clipping
-    loss: str = "ce"                      # "ce" (cross-entropy) or "soft_ce" (soft-target cross-entropy)
+    loss: str = "ce"                      # the source's name, "ce" or "soft_ce": one function (engine/loss.py)
     layer_decay: float = 0.0              # layer-wise lr decay: lr x decay^(depth + 1 - layer) (0 or 1 = off)
 
 
