@@ -77,6 +77,11 @@ EMITTED = {
     ("backward", "aten::detach"): "saved outputs unpacked, AccumulateGrad storing .grad: PopART's backward instead",
     ("update", "aten::clone"): "SGD's first momentum buffer, clone(grad).detach(): PopART's update instead",
     ("update", "aten::detach"): "as the clone: PopART's update instead",
+    # copy_ (none in torch 2.14's trace; torch 2.0's decompositions may write one): IPU -> IPU, lowered
+    ("forward+loss", "aten::copy_"): "a copy between IPU tensors, lowered as one",
+    ("inference", "aten::copy_"): "a copy between IPU tensors, lowered as one",
+    ("backward", "aten::copy_"): "torch's backward writing a gradient: PopART's backward instead",
+    ("update", "aten::copy_"): "torch's optimizer writing its state: PopART's update instead",
 }
 
 # aten operator (overload packet) -> the list entry, or the rst sentence, that covers it.
