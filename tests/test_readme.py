@@ -17,6 +17,7 @@ NOT_RUN is the short list of code-block commands that are not run, each with its
 that are not ours (EXTERNAL) are shown, never parsed.
 """
 import argparse
+import functools
 import glob
 import importlib.util
 import os
@@ -358,11 +359,15 @@ def check_python(line: int, tok: List[str]) -> None:
             assert re.search(r"(^|[\s,\[])%s\b" % re.escape(f), out.stdout), f"README line {line}: {tok[1]} has no {f}"
 
 
+@functools.lru_cache(maxsize=None)
+def _collect(args: Tuple[str, ...]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
 def check_pytest(line: int, tok: List[str]) -> None:
     """The selection collects tests (the paths exist, the marker selects some)."""
-    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"] + tok[1:],
-                         cwd=REPO, capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    out = _collect(tuple(tok[1:]))
     assert out.returncode == 0 and re.search(r"\d+(/\d+)? tests? collected", out.stdout), \
         f"README line {line}: {' '.join(tok)} collects nothing\n{out.stdout[-2000:]}{out.stderr[-2000:]}"
 
