@@ -13,12 +13,14 @@ JOBS    ?= auto
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py constraints.txt
+$(STAMP): pyproject.toml setup.py constraints.txt constraints-build.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -c constraints.txt -e '.[test]'
 	$(PIP) install -q -c constraints.txt --no-build-isolation 'deepspeed==0.19.8'
+	# mmcv 1.x, a test oracle: pure Python (no compiled ops), its setup.py needs setuptools < 81
+	MMCV_WITH_OPS=0 $(PIP) install -q -c constraints.txt --build-constraint constraints-build.txt 'mmcv==1.7.2'
 	touch $(STAMP)
 
 train: $(STAMP)

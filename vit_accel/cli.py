@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
-from .config import ConfigError, find_config, list_configs, load_recipe
+from .config import ConfigError, check_trainable, find_config, list_configs, load_recipe
 from .errors import InputError
 
 # (module, function) pairs that register sub-commands living beside their code
@@ -58,6 +58,7 @@ def cmd_train(args) -> int:
     if args.print_config:
         print(recipe.to_yaml(), end="")
         return 0
+    check_trainable(recipe)
     from .engine.trainer import train
 
     train(recipe, args.backend, run_dir=args.run_dir, resume=args.resume, progress=not args.no_progress,

@@ -96,7 +96,7 @@ class OptimConfig:
     eps: float = 1e-8
     label_smoothing: float = 0.0
     clip_grad_norm: float = 0.0           # 0 = no clipping
-    loss: str = "ce"                      # "ce" (cross-entropy) or "soft_ce" (soft-target cross-entropy)
+    loss: str = "ce"                      # the source's name, "ce" or "soft_ce": one function (engine/loss.py)
     layer_decay: float = 0.0              # layer-wise lr decay: lr x decay^(depth + 1 - layer) (0 or 1 = off)
 
 
@@ -197,9 +197,21 @@ class ReproducesConfig:
     flops_g: Optional[float] = None       # published FLOPs (G) as the source counts them
     params_resolution: int = 0            # resolution the published params/FLOPs belong to (0 = resolution)
     notes: str = ""
+    evaluation: bool = False              # an evaluation row (converted weights): `train` refuses the recipe
 
 
 REPRODUCES_SOURCES = ("", "mmcls", "mmpretrain", "timm", "classyvision")
+
+
+def check_trainable(r: "Recipe") -> None:
+    """Refuse, in one line, to train a recipe that reproduces an evaluation row."""
+    rp = r.reproduces
+    if rp.evaluation:
+        top1 = f", top-1 {rp.top1}" if rp.top1 else ""
+        raise ConfigError(f"{r.name} is an evaluation row: it reproduces the evaluation of converted weights "
+                          f"({rp.source} {rp.name}, {rp.resolution} px{top1}), not their training; evaluate with "
+                          f"`vit-accel eval --config {r.name} --checkpoint FILE`, or train with a training recipe "
+                          f"(`vit-accel configs` lists them)")
 
 
 @dataclass

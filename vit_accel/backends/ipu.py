@@ -26,9 +26,9 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import ConfigError, Recipe
+from ..engine.loss import training_loss
 from .base import Backend, StepResult, full_weights, read_checkpoint, write_checkpoint
 from .pipeline import build_plan
 from .stages import StagePlan
@@ -185,26 +185,6 @@ def apply_plan(model: nn.Module, plan: StagePlan, poptorch) -> None:
         model.blocks[i].register_forward_hook(_checkpoint_output)
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy for class indices or soft targets, with label smoothing.
-
-    Equal to the CPU backend's loss: ``F.cross_entropy(..., label_smoothing=s)`` for class
-    indices; soft targets are used as they come (the batch mix already smoothed them). The one-hot comes from a comparison
-    with ``arange`` rather than an index op: PopTorch feeds int64 labels as int32, which
-    comparisons accept on every device. Computed in fp32: a 1,000-way log-softmax in fp16
-    loses the small probabilities.
-    """
-    logp = F.log_softmax(logits.float(), dim=-1)
-    classes = logits.shape[-1]
-    if labels.is_floating_point():
-        target = labels.float()
-    else:
-        target = (labels.unsqueeze(1) == torch.arange(classes, device=labels.device)).float()
-    if label_smoothing and not labels.is_floating_point():  # soft targets (mixup) carry their smoothing already
-        target = target * (1.0 - label_smoothing) + label_smoothing / classes
-    return -(target * logp).sum(dim=-1).mean()
-
-
 class TrainingWrapper(nn.Module):
     """forward(images, labels) -> (logits, loss); the loss marked with identity_loss as mmcv."""
 
@@ -215,7 +195,7 @@ class TrainingWrapper(nn.Module):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         logits = self.model(images)
-        loss = cross_entropy(logits, labels, self.label_smoothing)
+        loss = training_loss(logits, labels, self.label_smoothing)
         return logits, _poptorch().identity_loss(loss, reduction="none")
 
 

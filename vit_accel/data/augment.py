@@ -1,6 +1,6 @@
 """Training augmentations with each source's semantics, from the libraries its users use.
 
-    data.auto_augment: "imagenet"   ClassyVision's ImageNet AutoAugment -> torchvision.transforms.v2.AutoAugment
+    data.auto_augment: "imagenet"   ClassyVision's ImageNet AutoAugment -> classy_autoaugment.py (exact)
     data.rand_augment: "rand-..."   timm's RandAugment string (mmpretrain's "timm_increasing" is
                                     "rand-m9-mstd0.5-inc1") -> timm.data.rand_augment_transform
     data.random_erasing: p          mmpretrain's RandomErasing (mode 'rand'), on the uint8 crop
@@ -168,10 +168,9 @@ class SampleAugment:
 
 
 def imagenet_auto_augment() -> Any:
-    """torchvision's AutoAugment(IMAGENET) with ClassyVision's gray fill (draws: torch's global RNG)."""
-    v2 = _import("torchvision.transforms.v2", "data.auto_augment", "imagenet")
-    return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=v2.InterpolationMode.NEAREST,
-                          fill=CLASSYVISION_FILL)
+    """ClassyVision's ImageNet AutoAugment, reproduced in classy_autoaugment.py (draws: python's global RNG)."""
+    from .classy_autoaugment import ImagenetAutoAugment
+    return ImagenetAutoAugment(CLASSYVISION_FILL)
 
 
 def timm_rand_augment(spec: str, mean: Sequence[float], interpolation: str = "bilinear", img_size: int = 224) -> Any:

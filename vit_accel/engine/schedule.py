@@ -18,7 +18,7 @@ global batch) alike.
                             convert_to_iter_based=True)`` then ``CosineAnnealingLR(eta_min=min_lr,
                             begin=warmup_epochs, by_epoch=True)`` to the last epoch. mmengine chains
                             them recursively (each value from the previous one); both recursions
-                            telescope to the closed forms used here (tests check it step by step)
+                            telescope to the closed forms used here
     classy_composite        ClassyVision ``composite`` (fvcore), ``update_interval: step``,
                             ``where = step / total``: for ``where + 1e-6 <= warmup_fraction`` the
                             linear ``start -> lr`` rescaled to its own 0..1 ("rescaled"), after it
@@ -28,6 +28,10 @@ global batch) alike.
 ClassyVision evaluates ``where`` at the last forward pass of each gradient-accumulation
 period, counting forward passes; with one forward pass per optimizer step (no accumulation)
 that is ``step / total``, which is what is computed here whatever our accumulation is.
+
+tests/test_schedule_sources.py runs each source's own code (mmcv's IterBasedRunner and LR hook,
+mmengine's Runner with its ParamSchedulerHook, ClassyVision's ClassificationTask) over whole runs
+of every recipe and compares every step with these formulas.
 
 Python 3.8 / torch 2.0 compatible (the IPU path imports it).
 """

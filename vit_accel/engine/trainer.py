@@ -24,6 +24,7 @@ from ..config import ConfigError, Recipe, vit_options
 from ..model import ViT, create_vit
 from . import distributed
 from .ema import ModelEMA, check_ema_backend, ema_parameters
+from .mixing import micro_batch_mix
 from .optim import check_optim_backend
 from .rundir import list_checkpoints  # noqa: F401  (where tests and tools look for it)
 from .rundir import completed_summary, last_logged, run_dir_and_checkpoint, save_checkpoint, set_rng_state
@@ -261,17 +262,6 @@ def _restore(run: _Run, ckpt_path: Path, trust: bool) -> None:
     run.say(f"resumed from {ckpt_path} at step {run.step}")
 
 
-def _batch_mix(recipe: Recipe, batch_size: int):
-    """Mixup / CutMix of whole batches, or None when the recipe asks for neither."""
-    d = recipe.data
-    if d.mixup <= 0 and d.cutmix <= 0:
-        return None
-    from ..data import BatchMix
-
-    return BatchMix(recipe.model.num_classes, d.mixup, d.cutmix, d.mix_prob, d.mix_switch_prob,
-                    recipe.optim.label_smoothing, batch_size=batch_size)
-
-
 def _run_steps(run: _Run, log: RunLog, end: int) -> float:
     """Train from ``run.step`` to ``end``: log, evaluate and checkpoint on the recipe's cadence.
 
@@ -280,7 +270,7 @@ def _run_steps(run: _Run, log: RunLog, end: int) -> float:
     recipe, backend, t = run.recipe, run.backend, run.recipe.train
     seed, rank, world, spc = t.seed, distributed.rank(), distributed.world_size(), backend.steps_per_call
     batches = iter(run.train_loader)
-    mix = _batch_mix(recipe, backend.batch_per_call)
+    mix = micro_batch_mix(recipe, backend, rank)   # each micro-batch mixed on its own, as the sources mix
     window_loss, window_n, last_loss = 0.0, 0, float("nan")
     bad_logged = len(getattr(getattr(run.train_loader, "stats", None), "examples", []))
     try:
@@ -292,7 +282,7 @@ def _run_steps(run: _Run, log: RunLog, end: int) -> float:
             torch.manual_seed(_step_seed(seed, rank, step))
             lr = run.schedule.lr(step)
             if mix is not None:  # on the host, before normalization (affine, so the same as after), for every backend
-                images, labels = mix(images, labels, _step_seed(seed, rank, step))
+                images, labels = mix(images, labels, step)
             t0 = time.perf_counter()
             result = backend.train_step(images, labels, lr)
             dt = time.perf_counter() - t0
