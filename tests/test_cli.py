@@ -64,3 +64,13 @@ def test_train_says_in_one_line_that_it_does_not_pipeline(capsys):
     assert len(err) == 1 and "train does not pipeline" in err[0] and "pipeline.*" in err[0]
     assert main(["train", "--config", "vit-ti-digits", "--print-config"]) == 0
     assert capsys.readouterr().err == ""      # the recipe's own pipeline section (for `plan`) is no news
+
+
+def test_a_reader_that_goes_away_is_no_traceback():
+    """`vit-accel configs | head -1`: the pipe closes before the output is written."""
+    p = subprocess.Popen([sys.executable, "-m", "vit_accel", "configs"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    p.stdout.close()                      # before the command has imported anything
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

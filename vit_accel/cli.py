@@ -289,6 +289,9 @@ def entry() -> None:
             print(e.code, file=sys.stderr)
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:               # the reader went away (`vit-accel configs | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush writes nowhere
+        code = 141                        # what a shell reports for a pipe's writer
     except BaseException:                 # a defect: say where, then leave as every run does
         traceback.print_exc()
         code = 1
