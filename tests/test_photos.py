@@ -166,6 +166,15 @@ def test_train_and_val_folders_are_the_split(tmp_path, capsys):
     assert sorted(_val_sources(tmp_path / "s" / "val.json")) == ["ant_img_000", "ant_img_001"]  # key: the path
 
 
+def test_a_small_folder_still_gets_a_shard_for_every_loader_process(tmp_path, capsys):
+    for name in ("ant", "bee"):
+        _jpegs(tmp_path / "in" / name, 72)
+    assert main(["make-shards", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "s")]) == 0
+    # 130 training images: 8 shards (2 ranks x 4 workers), not one of the 1,000-sample default
+    assert len(read_manifest(str(tmp_path / "s" / "train.json"))["shards"]) == 8
+    assert len(read_manifest(str(tmp_path / "s" / "val.json"))["shards"]) == 1      # 14: never below 16 a shard
+
+
 def test_held_out_split_is_per_class_seeded_and_stable(tmp_path, capsys):
     for name, n in (("ant", 20), ("bee", 3), ("cow", 1)):
         _jpegs(tmp_path / "in" / name, n)

@@ -14,6 +14,8 @@ from .digits import write_digits
 from .imagefolder import split_imagefolder, write_split
 from .shards import ShardError, list_csv, list_imagenet, write_shards
 
+MIN_SHARDS = 8   # imagefolder's default: 2 ranks x 4 workers each read a shard of their own
+
 
 def parse_size(text: str) -> int:
     """"100MB" / "1.5GB" / "250000" -> bytes."""
@@ -49,10 +51,20 @@ def _make_shards_main(args: argparse.Namespace) -> int:
 
 
 def _write(args: argparse.Namespace, samples: Any, name: str, classes: Any, log: Callable[[str], None]) -> Any:
-    return write_shards(samples, args.output, name, classes, samples_per_shard=args.samples_per_shard,
+    return write_shards(samples, args.output, name, classes, samples_per_shard=_per_shard(args, len(samples)),
                         shard_bytes=args.shard_bytes or 0, resize=args.resize, quality=args.quality,
                         workers=args.workers, shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
                         verify=not args.no_verify, log=log)
+
+
+def _per_shard(args: argparse.Namespace, n: int) -> int:
+    """--samples-per-shard, else 1000; a photo folder of a few hundred images still gets MIN_SHARDS shards,
+    since every loader process (ranks x data.workers) needs one to read."""
+    if args.samples_per_shard:
+        return args.samples_per_shard
+    if args.source != "imagefolder":
+        return 1000
+    return min(1000, max(16, -(-n // MIN_SHARDS)))
 
 
 def _imagefolder(args: argparse.Namespace, log: Callable[[str], None]) -> None:
@@ -90,7 +102,10 @@ def add_make_shards_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=int, default=0, help="seed of the held-out draw (--val-fraction)")
     p.add_argument("--imagenet-val-labels", default="",
                    help="LOC_val_solution.csv, or lines 'FILENAME LABEL' (WordNet id or 0-based sorted index)")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--samples-per-shard", type=int, default=0,
+                   help="samples in each shard (default 1000; imagefolder: fewer for small folders, so that "
+                        "there are %d shards for the loader processes to share, with 16 samples at least)"
+                   % MIN_SHARDS)
     p.add_argument("--shard-bytes", type=parse_size, default=0,
                    help="target shard size (e.g. 256MB); overrides --samples-per-shard")
     p.add_argument("--resize", type=int, default=0,
