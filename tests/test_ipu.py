@@ -207,6 +207,21 @@ def test_lr_is_pushed_with_set_optimizer_when_it_changes(double):
     assert all(g["lr"] == 0.01 for g in b.optimizer.param_groups)
 
 
+def test_layer_decay_pushes_each_groups_scaled_rate(double):
+    from vit_accel.engine.optim import build_optimizer as host_optimizer, set_lr
+
+    r, b, m = small_backend(["optim.layer_decay=0.5"])
+    b.setup(m)
+    x, y = batch(16)
+    b.train_step(x, y, lr=0.05)
+    b.train_step(x, y, lr=0.01)
+    host = host_optimizer(create_vit("vit-ti16", img_size=16, patch_size=8, depth=4, num_classes=5), r.optim)
+    set_lr(host, 0.01)    # what the cpu and gpu backends set: lr x 0.5 ** (depth + 1 - layer) per group
+    assert b.train_model.optimizer_pushes == [[g["lr"] for g in host.param_groups]]
+    assert len(set(b.train_model.optimizer_pushes[0])) == 6 and max(b.train_model.optimizer_pushes[0]) == 0.01
+    assert all("lr_scale" not in g for g in b.optimizer.param_groups)  # PopTorch sees plain groups
+
+
 def test_batch_contract(double):
     r, b, m = small_backend()
     b.setup(m)

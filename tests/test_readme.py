@@ -54,6 +54,9 @@ SCALE_STEPS = 4
 SCALE = ["schedule.total_steps=%d" % SCALE_STEPS, "schedule.warmup_steps=1", "model.depth=1", "train.eval_every=0",
          "train.checkpoint_every=0", "train.log_every=2", "data.workers=1"]
 SUBSTITUTE = {"step_0000600.pt": "step_%07d.pt" % SCALE_STEPS}
+# `finetune` takes its model from the pretrained file (no model.depth) and counts in epochs: a tenth of one
+SCALE_BY_RECIPE = {"finetune": ["schedule.epochs=0.1", "schedule.warmup_epochs=0.05", "train.log_every=2",
+                                "data.workers=1"]}
 
 
 # ---------------------------------------------------------------------------------------
@@ -435,7 +438,7 @@ def _runnable() -> List[Tuple[int, str]]:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A working directory holding the inputs README commands name (photos/, labels.csv, CKPT...)."""
+    """A working directory holding the inputs README commands name (photos/, labels.csv, CKPT, a pretrained file...)."""
     from PIL import Image
 
     from vit_accel.checkpoints import save_checkpoint
@@ -443,15 +446,18 @@ def workspace(tmp_path_factory):
 
     ws = tmp_path_factory.mktemp("readme")
     rows = []
-    for c, color in enumerate([(200, 30, 30), (30, 30, 200)]):
-        (ws / "photos" / f"class{c}").mkdir(parents=True)
-        for i in range(550):  # 2 shards of --samples-per-shard 1000, as bench-data --workers 2 needs
-            p = ws / "photos" / f"class{c}" / f"{i}.jpg"
+    for c, (name, color) in enumerate([("cat", (200, 30, 30)), ("dog", (30, 30, 200))]):
+        (ws / "photos" / name).mkdir(parents=True)
+        for i in range(600):  # 90% for training: 2 shards of --samples-per-shard 1000, as bench-data --workers 2 needs
+            p = ws / "photos" / name / f"IMG_{i:04d}.jpg"
             Image.new("RGB", (48, 40), tuple(v + i % 50 for v in color)).save(p, quality=90)
             rows.append(f"{p},{c}")
     (ws / "labels.csv").write_text("\n".join(rows) + "\n")
     model = create_vit("vit-ti16", img_size=32, patch_size=4, depth=1, num_classes=10)  # class token: converts to hf
     save_checkpoint(model, str(ws / "ckpt.safetensors"), "vit-accel")
+    # the pretrained file the photo commands name: a tiny stand-in in timm's format, another class count
+    small = create_vit("vit-s16", img_size=32, patch_size=8, depth=1, num_classes=1000)
+    save_checkpoint(small, str(ws / "vit_small_patch16_224.safetensors"), "timm")
     return ws
 
 
@@ -466,7 +472,8 @@ def _argv_for_run(cmd: str, ws: Path) -> List[str]:
     argv = [places.get(a, a) for a in argv]
     argv = [sorted(glob.glob(str(ws / a)))[-1] if "*" in a and glob.glob(str(ws / a)) else a for a in argv]
     if argv[0] in ("train", "eval") and "--config" in argv:
-        argv += [x for s in SCALE for x in ("--set", s)]
+        scale = SCALE_BY_RECIPE.get(argv[argv.index("--config") + 1], SCALE)
+        argv += [x for s in scale for x in ("--set", s)]
         argv += ["--no-progress"] if argv[0] == "train" else []
     if tok[0] == "torchrun":
         from test_zero import _free_port

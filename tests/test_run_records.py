@@ -33,7 +33,8 @@ def _records(rd: Path):
 def test_bad_samples_recorded_with_key_and_shard(tmp_path, capsys):
     train = write_digit_tars(tmp_path / "train", "train", [30, 30], bad={0: ["broken_train"]}, split="train")
     val = write_digit_tars(tmp_path / "val", "val", [20, 20], bad={1: ["broken_val"]})
-    recipe = load_recipe("vit-ti-digits", SMALL + ["data.source=shards", f"data.train_shards={train}",
+    recipe = load_recipe("vit-ti-digits", SMALL + ["data.source=shards", "model.num_classes=10",  # plain tars
+                                                   f"data.train_shards={train}",
                                                    f"data.val_shards={val}", "schedule.total_steps=5",
                                                    "schedule.warmup_steps=1", "data.max_bad_fraction=0.05"],
                          backends=["cpu"])

@@ -72,18 +72,27 @@ def cmd_eval(args) -> int:
     if asked == "auto":
         _say(f"vit-accel eval: --backend auto chose {args.backend}")
     from .backends import create_backend
-    from .checkpoints import load_pretrained
-    from .engine.trainer import build_model, evaluate
+    from .checkpoints import load_pretrained, read
+    from .engine.classeval import format_classes
+    from .engine.resolve import resolve_for_eval
+    from .engine.trainer import build_model, evaluate, val_message
     from .data import build_eval_loader
     from .engine import distributed
 
+    src = read(args.checkpoint)  # once: the model section, the class names and the weights come from it
+    resolved = resolve_for_eval(recipe, src)
+    recipe = resolved.recipe
     backend = create_backend(args.backend, recipe)
     try:
-        recipe.model.pretrained = ""
-        model = build_model(recipe, backend)
-        report = load_pretrained(model, args.checkpoint)
+        model = build_model(recipe, backend, class_names=resolved.class_names)
+        report = load_pretrained(model, src)
         if distributed.is_main():
             print(f"loaded {args.checkpoint}: {report}")
+        new_head = [d for d in report.dropped if d.startswith("head.weight") and "classes" in d]
+        if new_head:
+            raise ConfigError(f"{args.checkpoint}: {new_head[0].split(': ', 1)[1]}: evaluating would score an "
+                              f"untrained head; set model.num_classes to the checkpoint's (or auto with its "
+                              f"validation manifest)")
         if args.ema:
             from .engine.ema import load_ema_weights
 
@@ -93,12 +102,12 @@ def cmd_eval(args) -> int:
         backend.setup(model)
         # evaluation needs only the validation split (the bundled digits write both on first use)
         loader = build_eval_loader(recipe.data, recipe.model.img_size, backend.eval_batch_size,
-                                   rank=distributed.rank(), world_size=distributed.world_size())
-        res = evaluate(backend, recipe, loader)
+                                   rank=distributed.rank(), world_size=distributed.world_size(), return_keys=True)
+        res = evaluate(backend, recipe, loader, resolved.class_names)
         if distributed.is_main():
             print(json.dumps(res) if args.json else
-                  f"val top-1 {100 * res['val_top1']:.2f}%  top-5 {100 * res['val_top5']:.2f}%  "
-                  f"loss {res['val_loss']:.4f}  ({res['val_count']} images)")
+                  f"{val_message(res)}  loss {res['val_loss']:.4f}  ({res['val_count']} images)\n"
+                  + format_classes(res))
     finally:
         backend.close()
     return 0
@@ -107,18 +116,17 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     import torch
 
-    from .checkpoints import model_from_checkpoint
+    from .checkpoints import model_from_source, read
     from .data.transforms import eval_resize_size, eval_transform, normalize
 
-    model, _ = model_from_checkpoint(args.checkpoint)
+    src = read(args.checkpoint)  # read once: weights, class names and a training run's preprocessing
+    model, _ = model_from_source(src)
     model.eval()
     data = None
     if args.config:
         data = load_recipe(args.config, args.overrides).data.__dict__
-    else:
-        payload = _training_payload(args.checkpoint)
-        if payload and payload.get("recipe"):
-            data = payload["recipe"]["data"]
+    elif isinstance((src.hints.get("recipe") or {}).get("data"), dict):
+        data = src.hints["recipe"]["data"]
     mean, std = (data["mean"], data["std"]) if data else ([127.5] * 3, [127.5] * 3)
     resize = eval_resize_size(model.cfg.img_size, data.get("eval_resize", 0), data.get("eval_crop_fraction", 0.0)) \
         if data else 0
@@ -131,20 +139,12 @@ def cmd_predict(args) -> int:
             probs = model(normalize(img, mean, std)).softmax(-1)[0]
         k = min(args.top, probs.numel())
         p, idx = probs.topk(k)
+        names = [model.cfg.class_name(i) for i in idx.tolist()]
+        width = max(len(n) for n in names)
         print(path)
-        for pi, ii in zip(p.tolist(), idx.tolist()):
-            print(f"  class {ii:>5d}  {100 * pi:6.2f}%")
+        for pi, name in zip(p.tolist(), names):
+            print(f"  {name:<{width}}  {100 * pi:6.2f}%")
     return 0
-
-
-def _training_payload(path: str):
-    """The dict of a vit-accel training checkpoint, else None (read like any checkpoint: no code runs)."""
-    from .checkpoints.files import load_untrusted
-
-    if Path(path).is_dir() or Path(path).suffix in (".safetensors", ".npz", ".json"):
-        return None
-    obj = load_untrusted(path)
-    return obj if isinstance(obj, dict) and obj.get("format") == "vit-accel-train" else None
 
 
 def recipe_summary(name: str) -> dict:
@@ -178,7 +178,9 @@ def cmd_configs(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .engine.runlog import format_summary, plot_curves
+    from .engine.classeval import format_classes
+    from .engine.classplot import plot_confusion
+    from .engine.runlog import format_summary, plot_curves, read_metrics
 
     rd = Path(args.run_dir)
     summary = rd / "summary.json"
@@ -186,10 +188,19 @@ def cmd_report(args) -> int:
         if not (rd / "metrics.jsonl").exists():
             raise ConfigError(f"{rd} is not a run directory (no summary.json or metrics.jsonl)")
         print(f"{rd}: run not finished (no summary.json); plotting what metrics.jsonl has")
+        vals = [r for r in read_metrics(rd) if r.get("kind") == "val"]
+        last = vals[-1] if vals else {}
     else:
-        print(format_summary(json.loads(summary.read_text())))
-    out = plot_curves(rd)
-    print(f"curves: {out}")
+        last = json.loads(summary.read_text())
+        print(format_summary(last))
+        last = dict(last, step=last.get("steps"))
+    classes = format_classes(last)
+    if classes:
+        print(classes)
+    print(f"curves: {plot_curves(rd)}")
+    confusion = plot_confusion(rd, last)
+    if confusion:
+        print(f"confusion matrix: {confusion}")
     return 0
 
 
@@ -220,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="top-5 classes of images")
+    p = sub.add_parser("predict", help="top-5 classes of images, by name when the checkpoint has names")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("images", nargs="+")
     p.add_argument("--config", default=None, help="recipe for normalization (default: the checkpoint's)")
@@ -232,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="every recipe with its reproduces: block, as JSON")
     p.set_defaults(func=cmd_configs)
 
-    p = sub.add_parser("report", help="print a run's summary and redraw curves.png")
+    p = sub.add_parser("report", help="print a run's summary, per-class accuracy and most confident mistakes; "
+                                      "redraw curves.png and confusion.png")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
 

@@ -11,7 +11,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 
@@ -22,13 +22,16 @@ from .errors import ConfigError  # noqa: F401  (defined beside the other user er
 # Sections
 # ---------------------------------------------------------------------------------------
 
+AUTO = "auto"  # a model value taken from the data or the pretrained file (engine/resolve.py)
+
+
 @dataclass
 class ModelConfig:
-    name: str = "vit-b16"                 # a row of vit_accel.model.VARIANTS
-    img_size: int = 224
+    name: str = "vit-b16"                 # a row of vit_accel.model.VARIANTS, or "auto": model.pretrained's
+    img_size: int = 224                   # 0 = model.pretrained's (with name auto)
     patch_size: int = 0                   # 0 = the variant's
     depth: int = 0                        # 0 = the variant's
-    num_classes: int = 1000
+    num_classes: Union[int, str] = "auto"  # "auto" = the training data's classes (its manifest); published rows pin it
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
@@ -43,7 +46,14 @@ class ModelConfig:
 
 
 def vit_options(m: ModelConfig) -> Dict[str, Any]:
-    """The ``create_vit(m.name, **options)`` keywords of a model section (0 = the variant's)."""
+    """The ``create_vit(m.name, **options)`` keywords of a model section (0 = the variant's).
+
+    ``auto`` values must be resolved first (``vit_accel.engine.resolve``: from the data and the file).
+    """
+    if m.num_classes == AUTO or m.name == AUTO or not m.img_size:
+        raise ConfigError(f"model.name {m.name!r}, img_size {m.img_size}, num_classes {m.num_classes!r}: 'auto' "
+                          f"values come from the data's manifest and model.pretrained, which only train and eval "
+                          f"read; pin them here (--set model.num_classes=N ...)")
     out: Dict[str, Any] = dict(img_size=m.img_size, num_classes=m.num_classes, drop_rate=m.drop_rate,
                                attn_drop_rate=m.attn_drop_rate, drop_path_rate=m.drop_path_rate,
                                global_pool=m.global_pool, fc_norm=m.fc_norm, layer_norm_eps=m.layer_norm_eps,
@@ -247,9 +257,17 @@ SECTIONS = [f.name for f in dataclasses.fields(Recipe) if f.name not in ("name",
 def _coerce(path: str, value: Any, tp: Any) -> Any:
     """Check (and gently convert) ``value`` against the annotation ``tp``; errors name the key."""
     origin = typing.get_origin(tp)
-    if origin is typing.Union:  # Optional[X]
+    if origin is typing.Union:  # Optional[X], or one of several types (the first that takes the value)
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _coerce(path, value, args[0])
+        if value is None and len(args) < len(typing.get_args(tp)):
+            return None
+        for a in args:
+            try:
+                return _coerce(path, value, a)
+            except ConfigError:
+                pass
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in args)
+        raise ConfigError(f"{path}: expected {names}, got {value!r} ({type(value).__name__})")
     if origin in (list, List):
         (item,) = typing.get_args(tp) or (Any,)
         if isinstance(value, (list, tuple)):
@@ -387,6 +405,10 @@ def load_recipe(name: str, overrides: Optional[List[str]] = None, backends: Opti
     for a in overrides or []:
         apply_override(raw, a)
     recipe = _build(Recipe, raw, "")
+    if recipe.model.num_classes == AUTO and recipe.data.source == "digits":
+        from .data.digits import CLASSES  # a fixed dataset: its count is known without reading it
+
+        recipe.model.num_classes = len(CLASSES)
     validate(recipe, backends)
     return recipe
 
@@ -480,10 +502,27 @@ def check_schedule(cfg: ScheduleConfig) -> None:
                           f"must end before the run does")
 
 
+def _check_auto_model(m: ModelConfig) -> None:
+    if isinstance(m.num_classes, str) and m.num_classes != AUTO:
+        raise ConfigError(f"model.num_classes: expected a number of classes or 'auto' (the data's), "
+                          f"got {m.num_classes!r}")
+    if isinstance(m.num_classes, int) and m.num_classes < 0:
+        raise ConfigError(f"model.num_classes must be >= 0 (0 = no head) or 'auto', got {m.num_classes}")
+    if m.img_size < 0 or (m.img_size == 0 and m.name != AUTO):
+        raise ConfigError(f"model.img_size {m.img_size}: 0 (the pretrained file's) needs model.name auto; "
+                          f"otherwise give the image size")
+    if m.name == AUTO:
+        pinned = [k for k in ("patch_size", "depth", "representation_size") if getattr(m, k)]
+        if pinned:
+            raise ConfigError(f"model.name auto takes the architecture from model.pretrained; model.{pinned[0]} "
+                              f"{getattr(m, pinned[0])} would contradict it (set it to 0, or name the variant)")
+
+
 def validate(r: Recipe, backends: Optional[List[str]] = None) -> None:
     from .model import VARIANTS
 
-    _one_of("model.name", r.model.name, list(VARIANTS))
+    _one_of("model.name", r.model.name, list(VARIANTS) + [AUTO])
+    _check_auto_model(r.model)
     _one_of("model.global_pool", r.model.global_pool, ("token", "avg"))
     _one_of("reproduces.source", r.reproduces.source, REPRODUCES_SOURCES)
     _one_of("data.source", r.data.source, ("shards", "digits"))

@@ -205,7 +205,10 @@ def build_optimizer(model: nn.Module, recipe: Recipe, poptorch):
     from ..engine.optim import param_groups
 
     o, ipu = recipe.optim, recipe.ipu
-    groups = param_groups(model, o)
+    # layer-wise decay: each group starts at its own rate; its scale stays on the host (lr_scales), so
+    # PopTorch sees plain groups whose "lr" is a variable pushed by setOptimizer
+    groups = [dict({k: v for k, v in g.items() if k != "lr_scale"}, lr=o.lr * g.get("lr_scale", 1.0))
+              for g in param_groups(model, o)]
     common: Dict[str, Any] = dict(lr=o.lr, weight_decay=o.weight_decay, loss_scaling=ipu.loss_scaling,
                                   accum_type=_dtype("ipu.accum_type", ipu.accum_type))
     if o.clip_grad_norm > 0:
@@ -311,6 +314,8 @@ class IPUBackend(Backend):
 
     # -- setup ----------------------------------------------------------------------------
     def setup(self, model: nn.Module) -> None:
+        from ..engine.optim import param_groups
+
         poptorch = _poptorch()
         ipu = self.recipe.ipu
         model.train()                            # the executor copies .training at wrap time
@@ -319,6 +324,7 @@ class IPUBackend(Backend):
         apply_plan(model, self.plan, poptorch)
         self.model = model
         self.optimizer = build_optimizer(model, self.recipe, poptorch)
+        self.lr_scales = [g.get("lr_scale", 1.0) for g in param_groups(model, self.recipe.optim)]
         self._lr = self.recipe.optim.lr
         self.options = build_options(self.recipe, poptorch)
         wrapper = TrainingWrapper(model, self.recipe.optim.label_smoothing)
@@ -357,8 +363,8 @@ class IPUBackend(Backend):
                              f"{self.batch_per_call}")
         self._use("train")
         if lr != self._lr:
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
+            for g, scale in zip(self.optimizer.param_groups, self.lr_scales):
+                g["lr"] = lr * scale
             if self.train_model.isCompiled():   # before the first call the compile reads it
                 self.train_model.setOptimizer(self.optimizer)
             self._lr = lr

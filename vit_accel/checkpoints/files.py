@@ -19,8 +19,10 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from .classnames import hf_names, payload_hints
 from .formats import DECODE, FORMATS, detect, hf_to_timm
 from .npz import npz_to_timm
+from .timm_dir import WEIGHT_FILES, timm_config, timm_hints, timm_weights
 from .unpickle import FOREIGN_OBJECTS, Refused, pickle_module
 
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -196,7 +198,20 @@ def _read_hf_dir(path: str) -> Source:
         src.notes.append("warning: HF hidden_act %r is not a GELU; vit-accel computes GELU" % act)
     if isinstance(hf.get("vit_accel_config"), dict):
         src.hints["vit_config"] = hf["vit_accel_config"]
+    names = hf_names(hf)
+    if names:
+        src.hints["class_names"] = names
     return src
+
+
+def _read_timm_dir(path: str, config: Dict[str, Any]) -> Source:
+    """timm's directory (config.json + weights, timm_dir.py): timm keys, hints from its config."""
+    weights = timm_weights(path)
+    if weights is None:
+        raise CheckpointError("%s: a timm directory (config.json names architecture %r) with no weights; expected "
+                              "one of %s" % (path, config.get("architecture"), ", ".join(WEIGHT_FILES)))
+    sd = _safetensors_load(weights)[0] if weights.endswith(".safetensors") else _unwrap(load_torch(weights), weights)
+    return Source(path, "timm", DECODE["timm"](sd), timm_hints(config))
 
 
 def _unwrap(obj, path: str) -> Dict[str, torch.Tensor]:
@@ -220,10 +235,11 @@ def read(path: str, format: str = "auto") -> Source:
     if not os.path.exists(path):
         raise CheckpointError("%s: no such file or directory" % path)
     if os.path.isdir(path):
-        if format not in ("auto", "hf"):
-            raise CheckpointError("%s: is a directory; only the 'hf' format is a directory, %r expects a file"
-                                  % (path, format))
-        return _read_hf_dir(path)
+        timm = timm_config(path)
+        if format not in ("auto", "timm" if timm else "hf"):
+            raise CheckpointError("%s: is a directory (%s's layout), %r expects a file"
+                                  % (path, "timm" if timm else "hf", format))
+        return _read_timm_dir(path, timm) if timm else _read_hf_dir(path)
     if os.path.getsize(path) == 0:
         raise CheckpointError("%s: the file is empty; expected a checkpoint (.pth/.bin/.safetensors/.npz)" % path)
     kind = _sniff(path)
@@ -258,6 +274,7 @@ def read(path: str, format: str = "auto") -> Source:
     else:
         replaced: List[str] = []
         obj = load_torch(path, replaced=replaced)
+        hints.update(payload_hints(obj))  # class names and a training recipe, beside the tensors
         if isinstance(obj, dict) and obj.get("format") == "vit-accel-train" and replaced:
             raise CheckpointError("%s: refused: a vit-accel training checkpoint holds tensors and plain types "
                                   "only, this one pickles %s (not imported, nothing was run)"

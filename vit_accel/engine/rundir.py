@@ -117,8 +117,11 @@ def last_logged(rd: Path) -> Tuple[float, float]:
 
 
 def save_checkpoint(backend: Backend, recipe: Recipe, run_dir: Path, step: int, loader,
-                    ema: Optional[ModelEMA] = None, skips: Optional[Dict[str, int]] = None) -> Path:
-    """Write checkpoints/step_N.pt atomically and keep the newest ``train.keep_checkpoints``."""
+                    ema: Optional[ModelEMA] = None, skips: Optional[Dict[str, int]] = None,
+                    class_names=()) -> Path:
+    """Write checkpoints/step_N.pt atomically and keep the newest ``train.keep_checkpoints``.
+
+    ``class_names`` travel in its ``vit_config`` (what predict prints, convert writes)."""
     from ..model import ViTConfig  # noqa: F401  (documented: vit_config is ViTConfig.to_dict())
 
     path = Path(run_dir) / "checkpoints" / f"step_{step:07d}.pt"
@@ -127,7 +130,7 @@ def save_checkpoint(backend: Backend, recipe: Recipe, run_dir: Path, step: int, 
         # every rank's own position (bad samples skipped differ per rank); each picks its own on resume
         data_state = {"per_rank": distributed.all_gather_object(data_state)}
     extra = {"step": step, "data": data_state, "rng": rng_state(), "recipe": recipe.to_dict(),
-             "vit_config": create_vit_config_dict(recipe, backend), "skipped_steps": dict(skips or {})}
+             "vit_config": create_vit_config_dict(recipe, backend, class_names), "skipped_steps": dict(skips or {})}
     if ema is not None:
         extra["ema"] = ema.state_dict()
     backend.save_state(path, extra)
@@ -137,11 +140,11 @@ def save_checkpoint(backend: Backend, recipe: Recipe, run_dir: Path, step: int, 
     return path
 
 
-def create_vit_config_dict(recipe: Recipe, backend: Optional[Backend]) -> Dict[str, Any]:
+def create_vit_config_dict(recipe: Recipe, backend: Optional[Backend], class_names=()) -> Dict[str, Any]:
     """The ViTConfig of the trained model with portable (torch) ops, for eval/convert anywhere."""
     from ..model import vit_config
 
-    cfg = vit_config(recipe.model.name, **vit_options(recipe.model)).to_dict()
+    cfg = vit_config(recipe.model.name, class_names=tuple(class_names), **vit_options(recipe.model)).to_dict()
     cfg.update(attn_impl="sdpa", norm_impl="torch", mlp_impl="torch")
     return cfg
 

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .classeval import top_k
+
 
 class RunLog:
     """Writes the run directory's logs; a no-op on ranks other than 0."""
@@ -105,7 +107,8 @@ def plot_curves(run_dir: Path, out: Optional[Path] = None) -> Path:
     axes[0].set_title("training loss")
     if val:
         axes[1].plot([r["step"] for r in val], [100 * r["val_top1"] for r in val], "o-", label="top-1")
-        axes[1].plot([r["step"] for r in val], [100 * r["val_top5"] for r in val], "s--", label="top-5")
+        k = top_k(val[-1])[0]  # top-min(5, classes)
+        axes[1].plot([r["step"] for r in val], [100 * (top_k(r)[1] or 0.0) for r in val], "s--", label=f"top-{k}")
         axes[1].legend()
     axes[1].set_title("validation accuracy (%)")
     axes[2].plot([r["step"] for r in train], [r["lr"] for r in train], lw=1.2)
@@ -137,8 +140,8 @@ def format_summary(s: Dict[str, Any]) -> str:
     lines = [f"run        {s.get('run_dir', '')}",
              f"recipe     {s.get('recipe')}  backend {s.get('backend')}  world size {s.get('world_size', 1)}",
              f"steps      {s.get('steps')}  global batch {s.get('global_batch_size')}",
-             f"val top-1  {100 * s.get('val_top1', float('nan')):.2f}%   top-5 "
-             f"{100 * s.get('val_top5', float('nan')):.2f}%",
+             f"val top-1  {100 * s.get('val_top1', float('nan')):.2f}%   top-{top_k(s)[0]} "
+             f"{100 * (top_k(s)[1] if top_k(s)[1] is not None else float('nan')):.2f}%",
              f"train loss {s.get('train_loss', float('nan')):.4f}",
              f"speed      {s.get('images_per_second', 0):.1f} images/s, wall {s.get('wall_seconds', 0):.1f} s"]
     if s.get("skipped_steps"):

@@ -1,6 +1,7 @@
 """The trainer: one loop for every backend.
 
-    recipe -> backend -> model (+ pretrained) -> loaders -> [resume] -> steps -> eval -> summary
+    recipe -> resolved (auto: classes from the data, the model from its file) -> backend
+           -> model (+ pretrained) -> loaders -> [resume] -> steps -> eval -> summary
 
 Exact resume: a checkpoint holds model, optimizer, step, data position and RNG states, and
 the dropout RNG is re-seeded from (seed, rank, step) every step, so a run killed at any point
@@ -23,9 +24,11 @@ from ..backends import Backend, create_backend
 from ..config import ConfigError, Recipe, vit_options
 from ..model import ViT, create_vit
 from . import distributed
+from .classeval import ClassTally, check_labels, top_k
 from .ema import ModelEMA, check_ema_backend, ema_parameters
 from .mixing import micro_batch_mix
 from .optim import check_optim_backend
+from .resolve import Resolved, resolve_recipe
 from .rundir import list_checkpoints  # noqa: F401  (where tests and tools look for it)
 from .rundir import completed_summary, last_logged, run_dir_and_checkpoint, save_checkpoint, set_rng_state
 from .runlog import RunLog, format_summary, plot_curves
@@ -35,16 +38,18 @@ from .schedule import build_schedule, needs_train_samples
 # Building blocks
 # ---------------------------------------------------------------------------------------
 
-def build_model(recipe: Recipe, backend: Optional[Backend] = None, log=print) -> ViT:
-    """The recipe's ViT with the backend's ops; loads ``model.pretrained`` when given."""
+def build_model(recipe: Recipe, backend: Optional[Backend] = None, log=print, class_names=(),
+                pretrained=None) -> ViT:
+    """The recipe's ViT with the backend's ops and the data's class names; loads ``model.pretrained``
+    when given (``pretrained``: that file already read, a checkpoints.Source)."""
     opts = vit_options(recipe.model)
     if backend is not None:
         opts.update(backend.model_options())
-    model = create_vit(recipe.model.name, **opts)
+    model = create_vit(recipe.model.name, class_names=tuple(class_names), **opts)
     if recipe.model.pretrained:
         from ..checkpoints import load_pretrained
 
-        report = load_pretrained(model, recipe.model.pretrained, format=recipe.model.pretrained_format)
+        report = load_pretrained(model, pretrained or recipe.model.pretrained, format=recipe.model.pretrained_format)
         log(f"pretrained weights: {report}")
     return model
 
@@ -67,23 +72,31 @@ def _with_shards(recipe: Recipe, train: str, val: str):
     return replace(recipe.data, train_shards=train, val_shards=val)
 
 
-def evaluate(backend: Backend, recipe: Recipe, loader: Iterable) -> Dict[str, float]:
-    """Top-1, top-5 and loss over the validation split (summed over every process)."""
-    sums = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, loss_sum, count
-    for images, labels in _in_lockstep(loader, recipe.model.img_size):
+def evaluate(backend: Backend, recipe: Recipe, loader: Iterable, class_names=()) -> Dict[str, Any]:
+    """Top-1, top-k (k = min(5, classes): key ``val_topK``), loss and per-class results (classeval.py)
+    over the validation split, summed over every process. Batches may carry sample keys (the
+    most confident mistakes are named by them)."""
+    classes = int(recipe.model.num_classes)
+    k = min(5, classes)
+    sums = torch.zeros(4, dtype=torch.float64)  # correct1, correct-k, loss_sum, count
+    tally = ClassTally(classes)
+    for batch in _in_lockstep(loader, recipe.model.img_size):
+        images, labels, keys = batch if len(batch) == 3 else (batch[0], batch[1], None)
         logits = backend.eval_step(images)
         if labels is None:  # a rank out of data keeps pace (ZeRO-3 gathers weights in every forward)
             continue
-        k = min(5, logits.shape[1])
+        check_labels(labels, classes, keys, where="data.val_shards")
         top = logits.topk(k, dim=1).indices
         hit = top == labels.view(-1, 1)
         sums += torch.tensor([hit[:, :1].sum().item(), hit.sum().item(),
                               F.cross_entropy(logits, labels, reduction="sum").item(), labels.numel()],
                              dtype=torch.float64)
+        tally.add(logits, labels, keys)
     sums = distributed.all_reduce_sum(sums)
     n = max(sums[3].item(), 1.0)
-    out = {"val_top1": sums[0].item() / n, "val_top5": sums[1].item() / n, "val_loss": sums[2].item() / n,
+    out = {"val_top1": sums[0].item() / n, f"val_top{k}": sums[1].item() / n, "val_loss": sums[2].item() / n,
            "val_count": int(sums[3].item())}
+    out.update(tally.reduce(class_names))
     bad = bad_samples(getattr(loader, "stats", None))
     if bad["count"]:
         out.update(val_bad_samples=bad["count"], val_bad_examples=bad["examples"])
@@ -105,7 +118,7 @@ def _in_lockstep(loader: Iterable, img_size: int):
         busy = distributed.all_reduce_sum(torch.tensor([0.0 if batch is None else 1.0], dtype=torch.float64))
         if busy[0].item() == 0:
             return
-        yield batch if batch is not None else (torch.zeros(1, 3, img_size, img_size, dtype=torch.uint8), None)
+        yield batch if batch is not None else (torch.zeros(1, 3, img_size, img_size, dtype=torch.uint8), None, None)
 
 
 def bad_samples(stats, since: int = 0) -> Dict[str, Any]:
@@ -121,13 +134,20 @@ def bad_samples(stats, since: int = 0) -> Dict[str, Any]:
     return {"count": count, "examples": [{"key": k, "shard": sh, "reason": why} for k, sh, why in mine]}
 
 
-def evaluate_with_ema(backend: Backend, recipe: Recipe, loader_fn, ema: Optional[ModelEMA]) -> Dict[str, float]:
+def evaluate_with_ema(backend: Backend, recipe: Recipe, loader_fn, ema: Optional[ModelEMA],
+                      class_names=()) -> Dict[str, Any]:
     """``evaluate`` on the trained weights and, with an EMA, on the EMA weights (keys ``ema_*``)."""
-    val = evaluate(backend, recipe, loader_fn())
+    val = evaluate(backend, recipe, loader_fn(), class_names)
     if ema is not None:
         with ema.swapped_in(ema_parameters(backend)):
-            val.update({"ema_" + k: v for k, v in evaluate(backend, recipe, loader_fn()).items()})
+            val.update({"ema_" + k: v for k, v in evaluate(backend, recipe, loader_fn(), class_names).items()})
     return val
+
+
+def val_message(val: Dict[str, Any]) -> str:
+    """``val top-1 ...%  top-K ...%`` of an evaluation (K = min(5, classes))."""
+    k, acc = top_k(val)
+    return f"val top-1 {100 * val['val_top1']:.2f}%" + (f"  top-{k} {100 * acc:.2f}%" if acc is not None else "")
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
@@ -160,6 +180,7 @@ class _Run:
     val_loader: Callable[[], Iterable]
     ema: Optional[ModelEMA]
     say: Callable[[str], None]
+    class_names: Tuple[str, ...] = ()
     step: int = 0
     skips: Dict[str, int] = field(default_factory=lambda: {"total": 0, "in_a_row": 0})  # fp16 steps skipped
     train_time: float = 0.0
@@ -175,15 +196,17 @@ def train(recipe: Recipe, backend_name: str = "auto", run_dir: Optional[str] = N
     strict unpickler unless ``trust_checkpoint`` (the full unpickler, which runs the code a file names).
     ``stop_after``: end after this step (for tests and partial runs); checkpoints as usual.
     """
-    backend = create_backend(backend_name, recipe)
+    resolved = resolve_recipe(recipe)  # num_classes from the data, a variant from model.pretrained
+    backend = create_backend(backend_name, resolved.recipe)
     try:
-        return _train_on(backend, recipe, run_dir, resume, progress, stop_after, trust_checkpoint)
+        return _train_on(backend, resolved, run_dir, resume, progress, stop_after, trust_checkpoint)
     finally:  # devices and the process group are released on success and on error alike
         backend.close()
 
 
-def _train_on(backend: Backend, recipe: Recipe, run_dir: Optional[str], resume: Optional[str], progress: bool,
+def _train_on(backend: Backend, resolved: Resolved, run_dir: Optional[str], resume: Optional[str], progress: bool,
               stop_after: Optional[int], trust_checkpoint: bool) -> Dict[str, Any]:
+    recipe = resolved.recipe
     check_optim_backend(recipe.optim, backend.name)
     check_ema_backend(recipe, backend.name)
     main = distributed.is_main()
@@ -192,8 +215,13 @@ def _train_on(backend: Backend, recipe: Recipe, run_dir: Optional[str], resume: 
     rd, ckpt_path = run_dir_and_checkpoint(recipe, backend.name, run_dir, resume, say)
 
     torch.manual_seed(recipe.train.seed)
-    backend.setup(build_model(recipe, backend, log=say))
+    backend.setup(build_model(recipe, backend, log=say, class_names=resolved.class_names,
+                              pretrained=resolved.pretrained))
     run = _start_run(recipe, backend, rd, say)
+    run.class_names = tuple(resolved.class_names)
+    if resolved.class_names:
+        say(f"classes: {len(resolved.class_names)} ({', '.join(resolved.class_names[:10])}"
+            f"{', ...' if len(resolved.class_names) > 10 else ''})")
     if ckpt_path is not None:
         _restore(run, ckpt_path, trust_checkpoint)
     # a feed that reads ahead: checkpoints take its position (of the batches it handed out)
@@ -232,8 +260,9 @@ def _start_run(recipe: Recipe, backend: Backend, rd: Path, say) -> _Run:
     train_loader = build_train_loader(data_cfg, img, backend.batch_per_call, seed=recipe.train.seed,
                                       rank=rank, world_size=world)
 
-    def val_loader():
-        return build_eval_loader(data_cfg, img, backend.eval_batch_size, rank=rank, world_size=world)
+    def val_loader():  # with sample keys: the report names the most confident mistakes by them
+        return build_eval_loader(data_cfg, img, backend.eval_batch_size, rank=rank, world_size=world,
+                                 return_keys=True)
 
     return _Run(recipe, backend, rd, schedule, train_loader, val_loader, ema, say)
 
@@ -269,6 +298,7 @@ def _run_steps(run: _Run, log: RunLog, end: int) -> float:
     """
     recipe, backend, t = run.recipe, run.backend, run.recipe.train
     seed, rank, world, spc = t.seed, distributed.rank(), distributed.world_size(), backend.steps_per_call
+    num_classes = int(recipe.model.num_classes)
     batches = iter(run.train_loader)
     mix = micro_batch_mix(recipe, backend, rank)   # each micro-batch mixed on its own, as the sources mix
     window_loss, window_n, last_loss = 0.0, 0, float("nan")
@@ -277,6 +307,7 @@ def _run_steps(run: _Run, log: RunLog, end: int) -> float:
         while run.step < end:
             step = run.step
             images, labels = next(batches)
+            check_labels(labels, num_classes)
             # Seeded after the fetch: starting DataLoader workers draws from torch's RNG, and that
             # happens at a different step in a resumed run.
             torch.manual_seed(_step_seed(seed, rank, step))
@@ -301,11 +332,12 @@ def _run_steps(run: _Run, log: RunLog, end: int) -> float:
                 bad_logged = _log_train(run, log, result, lr, last_loss, bad_logged)
                 window_loss, window_n = 0.0, 0
             if t.eval_every and step % t.eval_every < spc and step < end:
-                val = evaluate_with_ema(backend, recipe, run.val_loader, run.ema)
-                log.write(dict(kind="val", step=step, **val))
-                log.message(f"step {step}: val top-1 {100 * val['val_top1']:.2f}%  top-5 {100 * val['val_top5']:.2f}%")
+                val = evaluate_with_ema(backend, recipe, run.val_loader, run.ema, run.class_names)
+                _record_val(run, log, dict(kind="val", step=step, **val))
+                log.message(f"step {step}: {val_message(val)}")
             if t.checkpoint_every and step % t.checkpoint_every < spc and step < end:
-                save_checkpoint(backend, recipe, run.run_dir, step, run.train_loader, ema=run.ema, skips=run.skips)
+                save_checkpoint(backend, recipe, run.run_dir, step, run.train_loader, ema=run.ema, skips=run.skips,
+                                class_names=run.class_names)
     finally:  # stop the loader's workers (and a read-ahead thread) now, not at interpreter exit
         close = getattr(batches, "close", None)
         if close is not None:
@@ -338,9 +370,10 @@ def _log_train(run: _Run, log: RunLog, result, lr: float, loss: float, bad_logge
 def _finish(run: _Run, log: RunLog, last_loss: float, t_start: float) -> Dict[str, Any]:
     """Final checkpoint, evaluation and summary (written to summary.json by the main process)."""
     recipe, backend, rd, step = run.recipe, run.backend, run.run_dir, run.step
-    save_checkpoint(backend, recipe, rd, step, run.train_loader, ema=run.ema, skips=run.skips)
-    val = evaluate_with_ema(backend, recipe, run.val_loader, run.ema)
-    log.write(dict(kind="val", step=step, **val))
+    save_checkpoint(backend, recipe, rd, step, run.train_loader, ema=run.ema, skips=run.skips,
+                    class_names=run.class_names)
+    val = evaluate_with_ema(backend, recipe, run.val_loader, run.ema, run.class_names)
+    _record_val(run, log, dict(kind="val", step=step, **val))
     log.close()
     bad = bad_samples(getattr(run.train_loader, "stats", None))
     if run.images_done == 0:  # resumed at the end of the schedule, before summary.json was written
@@ -350,19 +383,31 @@ def _finish(run: _Run, log: RunLog, last_loss: float, t_start: float) -> Dict[st
     summary = {
         "recipe": recipe.name, "backend": backend.name, "world_size": distributed.world_size(),
         "run_dir": str(rd), "steps": step, "global_batch_size": recipe.train.global_batch_size,
-        "val_top1": val["val_top1"], "val_top5": val["val_top5"], "val_loss": val["val_loss"],
+        "val_top1": val["val_top1"], "val_loss": val["val_loss"],
         "train_loss": last_loss, "images_per_second": ips,
         "wall_seconds": time.time() - t_start, "versions": versions(),
         "bad_samples": bad["count"], "bad_examples": bad["examples"],
         "val_bad_samples": val.get("val_bad_samples", 0), "val_bad_examples": val.get("val_bad_examples", []),
         "skipped_steps": run.skips["total"],
     }
-    summary.update({k: v for k, v in val.items() if k.startswith("ema_")})
+    summary.update({k: v for k, v in val.items() if k.startswith("ema_") or k.startswith("val_top") or k in CLASS_KEYS})
     if distributed.is_main():
         (rd / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_curves(rd)
         run.say(format_summary(summary))
     return summary
+
+
+CLASS_KEYS = ("val_class_names", "val_per_class", "val_confusion", "val_mistakes")
+
+
+def _record_val(run: _Run, log: RunLog, record: Dict[str, Any]) -> None:
+    """An evaluation into metrics.jsonl, and its confusion matrix redrawn into confusion.png (main process)."""
+    log.write(record)
+    if distributed.is_main():
+        from .classplot import plot_confusion
+
+        plot_confusion(run.run_dir, record)
 
 
 def _count_skip(skips: Dict[str, int], result, step: int, lr: float, limit: int) -> None:
