@@ -31,7 +31,7 @@ class Resolved(NamedTuple):
 def split_classes(data: Any, split: str) -> Optional[List[str]]:
     """The class list of a split's shards (their manifest), None without one (or without the split)."""
     from ..data import shard_specs
-    from ..data.reader import resolve_shards
+    from ..data import resolve_shards
 
     spec = shard_specs(data)[0 if split == "train" else 1]
     if not spec:
