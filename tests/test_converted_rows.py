@@ -137,7 +137,7 @@ def _jpeg(seed, size):
 @pytest.mark.parametrize("name", [r for r, src, _ in ROWS.values() if src == "timm"])
 def test_timm_rows_preprocess_as_timm(name):
     """Our eval path (resize, center crop, normalize) equals timm's eval transform of the row's
-    pretrained_cfg (crop_pct, interpolation, mean, std) on a non-square image."""
+    pretrained_cfg (crop_pct, interpolation, mean, std) on a non-square image, to one level of 255."""
     from timm.data import create_transform
 
     r = load_recipe(name)
@@ -152,7 +152,11 @@ def test_timm_rows_preprocess_as_timm(name):
     assert resize == math.floor(img / crop_pct)
     hwc = eval_transform(data, img, resize=resize, interpolation=d.eval_interpolation or d.interpolation)
     got = normalize(torch.from_numpy(hwc.copy()).permute(2, 0, 1)[None], d.mean, d.std)[0]
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # Only the crop window is resampled (PIL's resize with a box, which PIL takes in single
+    # precision): a value may round to the neighbouring level, in at most 0.1% of them.
+    level = 1.0 / min(d.std)
+    torch.testing.assert_close(got, want, atol=level * 1.001, rtol=0)
+    assert ((got - want).abs() > 1e-5).float().mean() <= 1e-3
 
 
 def test_eval_preprocessing_keys_are_checked():

@@ -43,16 +43,36 @@ def resample_filter(name: str) -> int:
         raise ValueError("data.interpolation must be one of %s, got %r" % (sorted(_RESAMPLE), name)) from None
 
 
+DECODERS = ("auto", "torchvision", "simplejpeg", "pil")
+
+
 def resolve_decoder(name: str) -> str:
-    """"auto" -> "simplejpeg" when importable else "pil"; checks explicit names."""
+    """"auto" -> "torchvision" when importable, else "simplejpeg" when importable, else "pil".
+
+    The decoder of full-size JPEGs in the training fast path (`fastpath.train_sample`); reduced
+    (DCT-scaled) decodes, PNGs and evaluation go through PIL (or simplejpeg when named).
+    """
     if name == "auto":
+        if _importable("torchvision.io"):
+            return "torchvision"
         return "simplejpeg" if _simplejpeg is not None else "pil"
     if name == "simplejpeg" and _simplejpeg is None:
         raise ValueError("data.decoder=simplejpeg but simplejpeg is not installed (pip install simplejpeg), "
                          "or use data.decoder=auto")
-    if name not in ("pil", "simplejpeg"):
-        raise ValueError("data.decoder must be auto, pil or simplejpeg, got %r" % (name,))
+    if name == "torchvision" and not _importable("torchvision.io"):
+        raise ValueError("data.decoder=torchvision but torchvision is not installed (pip install torchvision), "
+                         "or use data.decoder=auto")
+    if name not in DECODERS:
+        raise ValueError("data.decoder must be one of %s, got %r" % (", ".join(DECODERS), name))
     return name
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except (ImportError, RuntimeError):  # RuntimeError: a torchvision built for another torch
+        return False
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -168,14 +188,24 @@ def eval_resize_size(img_size: int, resize: int = 0, crop_fraction: float = 0.0)
 
 def eval_transform(data: bytes, img_size: int, resize: int = 0, interpolation: str = "bilinear",
                    decoder: str = "pil") -> np.ndarray:
-    """Encoded bytes -> uint8 (img_size, img_size, 3): shorter side to `resize` (0: img_size), center crop."""
+    """Encoded bytes -> uint8 (img_size, img_size, 3): shorter side to `resize` (0: img_size), center crop.
+
+    Only the crop is resampled: PIL's resize with a box computes the pixels of the resized
+    image inside the window without the rest (about 1/3 less work at 256 -> 224). The filter
+    taps are those of the whole resize; PIL takes the box in single precision, so a value
+    differs by 1 from resize-then-crop in about 0.1% of them.
+    """
     resize = resize or img_size
     img = open_image(data)
     out_w, out_h = resize_shorter_size(img.width, img.height, resize)
     img = load_rgb(img, data, decoder, (out_w, out_h))
-    img = img.resize((out_w, out_h), resample_filter(interpolation))
     left, top, w, h = center_crop_box(out_w, out_h, img_size)
-    img = img.crop((left, top, left + w, top + h))
+    if img.size == (out_w, out_h):  # no resampling: cut the window out
+        img = img.crop((left, top, left + w, top + h))
+    else:
+        sx, sy = img.width / out_w, img.height / out_h
+        img = img.resize((w, h), resample_filter(interpolation),
+                         box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
     if img.size != (img_size, img_size):  # the image was smaller than the crop: pad, never stretch
         canvas = Image.new("RGB", (img_size, img_size))
         canvas.paste(img, ((img_size - w) // 2, (img_size - h) // 2))
