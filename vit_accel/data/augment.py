@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .batches import check_decode_place
+from .fastpath import chw_to_pil, pil_into_chw
 from .reader import DataError
 
 AUTO_AUGMENT_POLICIES = ("", "imagenet")
@@ -130,24 +131,49 @@ def random_erase(arr: np.ndarray, rng: random.Random, prob: float, fill_mean: Se
     the positions that fit (the last row/column excluded, as numpy's randint draws), filled with
     per-pixel N(mean, std) truncated toward zero and clipped to 0..255. One try, no retries.
     Draws: the switch, the aspect, the area, top, left from `rng`, then the fill (float32 standard
-    normals, scaled) from a numpy generator seeded by `rng`. Returns `arr` itself when nothing is erased, else a copy.
+    normals, scaled) from a numpy generator seeded by `rng`. Returns `arr` itself when nothing is
+    erased, else a copy.
     """
-    if rng.random() >= prob:  # mmpretrain disables when rand() > prob
+    box = _erase_box(arr.shape[0], arr.shape[1], rng, prob, area, aspect)
+    if box is None:
         return arr
-    img_h, img_w = arr.shape[:2]
+    top, left, h, w = box
+    out = np.array(arr, copy=True)
+    out[top:top + h, left:left + w] = _erase_fill(h, w, arr.shape[2], rng, fill_mean, fill_std)
+    return out
+
+
+def random_erase_chw(arr: np.ndarray, rng: random.Random, prob: float, fill_mean: Sequence[float],
+                     fill_std: Sequence[float]) -> None:
+    """`random_erase` in place on a uint8 [C, H, W] array: the same draws, the same pixels."""
+    box = _erase_box(arr.shape[1], arr.shape[2], rng, prob, ERASE_AREA, ERASE_ASPECT)
+    if box is not None:
+        top, left, h, w = box
+        arr[:, top:top + h, left:left + w] = _erase_fill(h, w, arr.shape[0], rng, fill_mean, fill_std).transpose(2, 0, 1)
+
+
+def _erase_box(img_h: int, img_w: int, rng: random.Random, prob: float, area: Sequence[float],
+               aspect: Sequence[float]) -> Optional[Tuple[int, int, int, int]]:
+    """(top, left, h, w) of the rectangle to erase, or None (mmpretrain disables when rand() > prob)."""
+    if rng.random() >= prob:
+        return None
     aspect_ratio = math.exp(rng.uniform(math.log(aspect[0]), math.log(aspect[1])))
     target = img_h * img_w * rng.uniform(area[0], area[1])
     h = min(int(round(math.sqrt(target * aspect_ratio))), img_h)
     w = min(int(round(math.sqrt(target / aspect_ratio))), img_w)
     top = rng.randrange(0, img_h - h) if img_h > h else 0
     left = rng.randrange(0, img_w - w) if img_w > w else 0
+    return top, left, h, w
+
+
+def _erase_fill(h: int, w: int, channels: int, rng: random.Random, mean: Sequence[float],
+                std: Sequence[float]) -> np.ndarray:
+    """uint8 [h, w, channels]: N(mean, std) per pixel, truncated toward zero, clipped to 0..255."""
     # float32 normals (half the cost of float64 ones); the fill is whole levels either way
-    noise = np.random.default_rng(rng.getrandbits(64)).standard_normal((h, w, arr.shape[2]), dtype=np.float32)
-    noise *= np.asarray(fill_std, dtype=np.float32)
-    noise += np.asarray(fill_mean, dtype=np.float32)
-    out = np.array(arr, copy=True)
-    out[top:top + h, left:left + w] = np.clip(noise.astype(np.int32), 0, 255)
-    return out
+    noise = np.random.default_rng(rng.getrandbits(64)).standard_normal((h, w, channels), dtype=np.float32)
+    noise *= np.asarray(std, dtype=np.float32)
+    noise += np.asarray(mean, dtype=np.float32)
+    return np.clip(noise.astype(np.int32), 0, 255).astype(np.uint8)
 
 
 class SampleAugment:
@@ -184,6 +210,16 @@ class SampleAugment:
         if self.random_erasing > 0:
             arr = random_erase(arr, rng, self.random_erasing, self.mean, self.std)
         return arr
+
+    def into(self, crop: torch.Tensor, rng: random.Random, out: torch.Tensor) -> None:
+        """`__call__` from a uint8 [3, H, W] tensor into `out` (uint8 [3, H, W]): the same draws and
+        pixels, with the channel planes handed to PIL and back without interleaving copies."""
+        if self._apply is not None:
+            pil_into_chw(self._apply(chw_to_pil(crop), rng.getrandbits(63)), out)
+        else:
+            out.copy_(crop)
+        if self.random_erasing > 0:
+            random_erase_chw(out.numpy(), rng, self.random_erasing, self.mean, self.std)
 
 
 def _torch_seeded(transform: Any) -> Any:
@@ -242,11 +278,11 @@ def timm_rand_augment(spec: str, mean: Sequence[float], interpolation: str = "bi
     ra = aa.rand_augment_transform(spec, hparams)
     for op in ra.ops:
         if op.name.startswith("Posterize"):
-            op.aug_fn = _posterize_keeping_zero_bits(op.aug_fn)
+            op.aug_fn = posterize_keeping_zero_bits(op.aug_fn)
     return ra
 
 
-def _posterize_keeping_zero_bits(posterize: Any) -> Any:
+def posterize_keeping_zero_bits(posterize: Any) -> Any:
     """timm's posterize, except that keeping 0 bits gives a black image as mmcv and older Pillow do:
     recent Pillow (13.0) refuses bits=0, which timm's increasing posterize reaches at magnitude 10."""
 

@@ -183,15 +183,15 @@ def one_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
 def train_sample(data: bytes, out: torch.Tensor, img_size: int, rng: random.Random,
                  scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (0.75, 4.0 / 3.0),
                  interpolation: str = "bilinear", hflip: float = 0.5, decoder: str = "auto",
-                 augment: Optional[Callable[[Any, random.Random], np.ndarray]] = None) -> None:
+                 augment: Any = None) -> None:
     """Encoded bytes -> `out` (uint8 [3, img_size, img_size]): RandomResizedCrop + flip [+ augment].
 
-    The draws are `transforms.train_transform`'s (crop, then flip, then `augment(hwc, rng)`).
+    The draws are `transforms.train_transform`'s (crop, then flip, then the augmentations':
+    `augment.into(crop, rng, out)`, a `SampleAugment`).
     """
     if not uint8_resize_supported():
-        out.copy_(torch.from_numpy(train_transform(data, img_size, rng, scale, ratio, interpolation, hflip,
-                                                   "pil" if decoder == "torchvision" else decoder,
-                                                   augment)).permute(2, 0, 1))
+        _put_hwc(out, train_transform(data, img_size, rng, scale, ratio, interpolation, hflip,
+                                      "pil" if decoder == "torchvision" else decoder, augment))
         return
     resample_filter(interpolation)
     size, img = jpeg_size(data), None
@@ -208,9 +208,29 @@ def train_sample(data: bytes, out: torch.Tensor, img_size: int, rng: random.Rand
         crop = crop.flip(-1)
     if augment is None:
         out.copy_(crop)
-        return
-    arr = augment(np.ascontiguousarray(crop.permute(1, 2, 0).numpy()), rng)
-    if not arr.flags.writeable:  # an array over a PIL image's bytes: torch wants its own memory
+    else:
+        augment.into(crop.contiguous(), rng, out)
+
+
+def chw_to_pil(chw: torch.Tensor) -> Any:
+    """uint8 [3, H, W] (contiguous) -> RGB PIL image: the planes are wrapped, not copied, then merged."""
+    from PIL import Image
+
+    size = (chw.shape[2], chw.shape[1])
+    arr = chw.numpy()
+    return Image.merge("RGB", [Image.frombuffer("L", size, arr[i], "raw", "L", 0, 1) for i in range(3)])
+
+
+def pil_into_chw(img: Any, out: torch.Tensor) -> None:
+    """RGB PIL image -> `out` (uint8 [3, H, W]) plane by plane (no HWC array, no transposing copy)."""
+    planes = out.numpy()
+    for i, band in enumerate("RGB"):
+        planes[i] = np.frombuffer(img.tobytes("raw", band), dtype=np.uint8).reshape(planes.shape[1:])
+
+
+def _put_hwc(out: torch.Tensor, arr: np.ndarray) -> None:
+    """uint8 [H, W, 3] array -> the [3, H, W] slot `out` (torch's permuted copy is the fast one)."""
+    if not arr.flags.writeable:  # an array over a PIL image's bytes: torch wants memory it may own
         arr = arr.copy()
     out.copy_(torch.from_numpy(arr).permute(2, 0, 1))
 
