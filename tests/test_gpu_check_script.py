@@ -20,13 +20,15 @@ def test_every_test_path_it_names_exists():
     assert not missing, "tools/gpu_check.sh names paths that do not exist: %s" % missing
 
 
-def test_the_bench_command_it_runs_parses():
+def test_the_bench_commands_it_runs_parse():
     import shlex
 
     from vit_accel.cli import build_parser
 
     text = SCRIPT.read_text().replace("\\\n", " ")  # join continued lines
     commands = [shlex.split(line.split("-m vit_accel", 1)[1]) for line in text.splitlines() if "-m vit_accel " in line]
-    assert [c[0] for c in commands] == ["bench"]
+    assert [c[0] for c in commands] == ["bench", "bench-data"]
     args = build_parser().parse_args(commands[0])  # argparse exits (a failure here) on an unknown option
     assert args.backend == "gpu" and args.config == "vit-b16-ft" and args.steps > args.warmup > 0
+    data = build_parser().parse_args(commands[1])
+    assert data.pipelines == ["train", "gpu-decode"] and data.device == "cuda" and data.corpus > 0

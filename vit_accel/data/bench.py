@@ -74,14 +74,18 @@ def extract_to_folder(spec: str, out: str) -> int:
     return n
 
 
-def _cpu_seconds() -> float:
-    """CPU time of this process plus its reaped children (the DataLoader workers, once joined)."""
+def _cpu_seconds(self: bool = True, children: bool = True) -> float:
+    """CPU time of this process and/or its reaped children (the DataLoader workers, once joined)."""
     try:
         import resource
-    except ImportError:  # not on Unix: wall time only
+    except ImportError:  # not on Unix: no CPU time
         return float("nan")
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    total = 0.0
+    for who, wanted in ((resource.RUSAGE_SELF, self), (resource.RUSAGE_CHILDREN, children)):
+        if wanted:
+            usage = resource.getrusage(who)
+            total += usage.ru_utime + usage.ru_stime
+    return total
 
 
 Rate = Tuple[float, float]
@@ -100,11 +104,13 @@ def _rate(make: Callable[[], Any], count: int) -> Rate:
         if seen >= count:
             break
     wall = time.perf_counter() - start
+    own = _cpu_seconds(children=False)
     if hasattr(it, "close"):
         it.close()  # our loader is a generator: closing it shuts its workers down now
     del it, loader
-    gc.collect()  # joins the DataLoader workers, so their CPU time is counted
-    return seen / wall, seen / max(_cpu_seconds() - cpu0, 1e-9)
+    gc.collect()  # joins the DataLoader workers, so their CPU time is counted (this collection's is not)
+    cpu = own + _cpu_seconds(self=False) - cpu0
+    return seen / wall, seen / max(cpu, 1e-9)
 
 
 def _best(a: Rate, b: Rate) -> Rate:

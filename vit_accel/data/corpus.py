@@ -4,7 +4,7 @@ ImageNet's training images are mostly about 500x375 (or 375x500) photographs sav
 at quality ~90. Timing a loader on noise or flat colours measures the wrong decoder work
 (noise does not compress, flat colours decode in no time), so the corpus is cut from real
 photographs: scikit-learn's `china.jpg` and `flower.jpg` (640x427) and matplotlib's
-`grace_hopper.jpg` (512x600). Image i takes one of them, a window of random position and size
+`grace_hopper.jpg` (512x600; left out where matplotlib is not installed). Image i takes one of them, a window of random position and size
 (80..100% of the largest window of the output's aspect, so the content is never enlarged
 much), an optional mirror and a mild per-channel gain, resampled to the output size with
 Lanczos and encoded at `quality` with 4:2:0 chroma subsampling. Everything is drawn from
@@ -23,16 +23,16 @@ from typing import List, Optional, Sequence, Tuple
 
 from PIL import Image
 
-# (package, how to find the file) of each source photograph: all are runtime dependencies
-SOURCES = ("sklearn china.jpg", "sklearn flower.jpg", "matplotlib grace_hopper.jpg")
-
-
 def sample_photos() -> List[Image.Image]:
-    """The source photographs as RGB images (scikit-learn's two, matplotlib's one)."""
-    import matplotlib.cbook
+    """The source photographs as RGB images: scikit-learn's two, and matplotlib's one where matplotlib
+    is installed (both are dependencies of this package; a GPU host may lack matplotlib)."""
     from sklearn.datasets import load_sample_images
 
     photos = [Image.fromarray(a) for a in load_sample_images().images]
+    try:
+        import matplotlib.cbook
+    except ImportError:
+        return photos
     with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
         photos.append(Image.open(f).convert("RGB"))
     return photos
