@@ -64,3 +64,25 @@ def test_bench_data_bad_inputs_say_what_to_do(tmp_path, capsys):
     assert "give --corpus N, --images DIR or --shards SPEC" in capsys.readouterr().err
     assert main(["bench-data", "--corpus", "5", "--pipelines", "train", "nope"]) == 2
     assert "unknown pipeline(s) nope" in capsys.readouterr().err
+
+
+def test_cpu_time_of_the_process_tree_counts_live_workers():
+    import subprocess
+    import sys
+    import time
+
+    from vit_accel.data.bench import tree_cpu_seconds
+
+    if tree_cpu_seconds() is None:
+        pytest.skip("no /proc here: bench-data counts joined workers instead")
+    before = tree_cpu_seconds()
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\ntime.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", busy])
+    try:
+        deadline = time.time() + 30
+        while tree_cpu_seconds() - before < 0.4 and time.time() < deadline:
+            time.sleep(0.2)
+        assert tree_cpu_seconds() - before >= 0.4  # the child's CPU time, while it still runs
+    finally:
+        child.kill()
+        child.wait()

@@ -160,3 +160,20 @@ def test_worker_batches_live_in_shared_memory(photo_jpegs):
         FP.train_sample(data, ref, 32, random.Random(n))
         assert torch.equal(batch.images[n], ref)
     assert batch.images.is_shared()
+
+
+def test_per_image_work_runs_on_one_thread_and_restores_the_callers_count(photo_jpegs):
+    seen = []
+
+    @FP.one_thread
+    def work():
+        seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        work()
+        FP.train_sample(photo_jpegs[0], torch.empty((3, 32, 32), dtype=torch.uint8), 32, random.Random(0))
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

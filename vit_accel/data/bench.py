@@ -11,8 +11,8 @@ alternating `--repeat` times (best run kept: a shared machine only ever slows a 
     eval            resize 256 + center crop 224              vs torchvision Resize + CenterCrop
     gpu-decode      data.decode=gpu (host: headers + boxes)   vs ours with data.decode=cpu (CUDA only)
 
-Images per CPU-second (the CPU time of the loader's process and its workers) is the rate one core
-sustains, and holds on a loaded machine where images/s does not. The input is `--corpus N`
+Images per CPU-second (the CPU time of the loader's process and its workers, from the first batch
+on) is the rate one core sustains, and holds on a loaded machine where images/s does not. The input is `--corpus N`
 ImageNet-like photos (`corpus.py`, written once to `--corpus-dir` or a temporary folder, then
 sharded), an ImageFolder (`--images`), or shards (`--shards`, extracted for the baselines).
 
@@ -31,7 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .bench_baselines import BASELINES, baseline_loader
 from .eval_loader import EvalLoader
@@ -88,28 +88,57 @@ def _cpu_seconds(self: bool = True, children: bool = True) -> float:
     return total
 
 
+def tree_cpu_seconds() -> Optional[float]:
+    """CPU seconds so far of this process and its live descendants (Linux /proc), None elsewhere."""
+    if not os.path.isdir("/proc/self"):
+        return None
+    ticks = float(os.sysconf("SC_CLK_TCK"))
+    parent, cpu = {}, {}  # type: Dict[int, int], Dict[int, int]
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                text = f.read()
+        except OSError:  # gone meanwhile
+            continue
+        fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid ... utime stime
+        parent[int(name)], cpu[int(name)] = int(fields[1]), int(fields[11]) + int(fields[12])
+    tree, todo = set(), [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        tree.add(pid)
+        todo.extend(p for p, pp in parent.items() if pp == pid and p not in tree)
+    return sum(cpu.get(p, 0) for p in tree) / ticks
+
+
 Rate = Tuple[float, float]
 
 
 def _rate(make: Callable[[], Any], count: int) -> Rate:
-    """(images per wall second, images per CPU second) of the first `count` images of a fresh loader."""
+    """(images per wall second, images per CPU second) over `count` images of a fresh loader.
+
+    Timed from its first batch on: worker start-up is a per-epoch cost, which an ImageNet epoch
+    spreads over thousands of batches and this short run would not. Where /proc is missing,
+    everything from the start counts (this process and its joined workers)."""
     import gc
 
     loader = make()
-    cpu0, start = _cpu_seconds(), time.perf_counter()
     it = iter(loader)
+    next(it)
+    tree0, cpu0, start = tree_cpu_seconds(), _cpu_seconds(), time.perf_counter()
     seen = 0
     for batch in it:
         seen += batch[0].shape[0]
         if seen >= count:
             break
     wall = time.perf_counter() - start
-    own = _cpu_seconds(children=False)
+    tree1, own = tree_cpu_seconds(), _cpu_seconds(children=False)
     if hasattr(it, "close"):
         it.close()  # our loader is a generator: closing it shuts its workers down now
     del it, loader
-    gc.collect()  # joins the DataLoader workers, so their CPU time is counted (this collection's is not)
-    cpu = own + _cpu_seconds(self=False) - cpu0
+    gc.collect()  # joins the DataLoader workers (their CPU time counts where /proc is missing)
+    cpu = tree1 - tree0 if tree0 is not None and tree1 is not None else own + _cpu_seconds(self=False) - cpu0
     return seen / wall, seen / max(cpu, 1e-9)
 
 
@@ -143,10 +172,10 @@ def eval_resize(img_size: int) -> int:
 
 
 def _count(shards: str, images: str, batch_size: int, workers: int) -> int:
-    """Images to time: one batch short of the smaller epoch (neither side reaches an epoch's end)."""
+    """Images to time after the first batch: a batch short of the smaller epoch (no side reaches its end)."""
     ours = TrainLoader(resolve_shards(shards), 8, batch_size, seed=0, workers=workers).batches_per_epoch
     theirs = len(list_imagefolder(images)[0]) // batch_size
-    batches = min(ours, theirs) - 1
+    batches = min(ours, theirs) - 2
     if batches < 1:
         raise DataError("too few images to time: %d batches of %d per epoch with %d worker(s); use more images "
                         "(--corpus N) or a smaller --batch-size" % (min(ours, theirs), batch_size, workers))
