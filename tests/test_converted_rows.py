@@ -24,6 +24,7 @@ from vit_accel.backends.pipeline import model_config
 from vit_accel.checkpoints import load_pretrained, save_checkpoint
 from vit_accel.cli import main
 from vit_accel.config import list_configs, load_recipe, vit_options
+from vit_accel.data.fastpath import eval_sample
 from vit_accel.data.transforms import eval_resize_size, eval_transform, normalize
 from vit_accel.model import ViT, create_vit
 
@@ -165,6 +166,11 @@ def test_timm_rows_preprocess_as_timm(name):
     hwc = eval_transform(data, img, resize=resize, interpolation=d.eval_interpolation or d.interpolation)
     got = normalize(torch.from_numpy(hwc.copy()).permute(2, 0, 1)[None], d.mean, d.std)[0]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # the loader's form resizes with torch (torchvision's tensor Resize): within a level or two of PIL's
+    chw = torch.empty((3, img, img), dtype=torch.uint8)
+    eval_sample(data, chw, img, resize=resize, interpolation=d.eval_interpolation or d.interpolation)
+    diff = (normalize(chw[None], d.mean, d.std)[0] - want).abs() * min(d.std)  # in levels of 255
+    assert diff.max() <= 2.01 and (diff > 0.01).float().mean() <= 0.01
 
 
 def test_eval_preprocessing_keys_are_checked():

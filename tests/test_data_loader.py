@@ -137,11 +137,11 @@ def test_resume_continues_exactly(shards8, workers, stop):
 
 def test_resume_does_not_read_consumed_samples(shards8, monkeypatch):
     """Skipping replays the shuffle on indices: no decode, and whole consumed shards stay closed."""
-    from vit_accel.data import loader as loader_mod
+    from vit_accel.data import batches as batches_mod
     from vit_accel.data import reader as reader_mod
 
     opened, decoded = [], [0]
-    real_iter, real_transform = reader_mod.iter_records, loader_mod.train_transform
+    real_iter, real_transform = reader_mod.iter_records, batches_mod.train_sample
 
     def spy_iter(url, want=None):
         opened.append(os.path.basename(url))
@@ -152,7 +152,7 @@ def test_resume_does_not_read_consumed_samples(shards8, monkeypatch):
         return real_transform(*a, **k)
 
     monkeypatch.setattr(reader_mod, "iter_records", spy_iter)
-    monkeypatch.setattr(loader_mod, "train_transform", spy_transform)
+    monkeypatch.setattr(batches_mod, "train_sample", spy_transform)
     ld = TrainLoader(resolve_shards(shards8), IMG, 8, 0, workers=0, shuffle_buffer=4)
     ld.load_state_dict(dict(ld.state_dict(), batch=20, streams=[[160, 160, 0]]))
     next(iter(ld))

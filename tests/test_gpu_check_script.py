@@ -27,7 +27,7 @@ def test_every_test_path_it_names_exists():
     assert not missing, "tools/gpu_check.sh names paths that do not exist: %s" % missing
 
 
-def test_the_bench_command_it_runs_parses():
+def test_the_bench_commands_it_runs_parse():
     import shlex
 
     from vit_accel.cli import build_parser
@@ -35,10 +35,14 @@ def test_the_bench_command_it_runs_parses():
     text = SCRIPT.read_text().replace("\\\n", " ")  # join continued lines
     dry, real = [shlex.split(a) for a in re.findall(r"^\s*BENCH=\((.*)\)$", text, re.M)]  # --dry-run's first
     commands = [shlex.split(line.split("-m vit_accel", 1)[1]) for line in text.splitlines() if "-m vit_accel " in line]
-    assert [c[:2] for c in commands] == [["bench", "${BENCH[@]}"]]
+    assert [c[:2] for c in commands] == [["bench", "${BENCH[@]}"], ["bench-data", "${DATA[@]}"]]
     dry, real = (build_parser().parse_args(["bench"] + a) for a in (dry, real))  # argparse exits on a bad option
     assert real.backend == "gpu" and real.config == "vit-b16-ft" and real.steps > real.warmup > 0
     assert dry.backend == "cpu" and dry.config == real.config
+    dry_data, real_data = [shlex.split(a) for a in re.findall(r"^\s*DATA=\((.*)\)$", text, re.M)]
+    dry_data, real_data = (build_parser().parse_args(["bench-data"] + a + commands[1][2:]) for a in (dry_data, real_data))
+    assert real_data.pipelines == ["train", "gpu-decode"] and real_data.device == "cuda" and real_data.corpus > 0
+    assert dry_data.device == "cpu" and dry_data.pipelines == real_data.pipelines
 
 
 @pytest.mark.slow
@@ -49,9 +53,9 @@ def test_dry_run_passes_every_step(tmp_path):
                        timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     assert "gpu_check: 0 step(s) failed" in p.stdout
-    for step in ("tests", "bench-kernels", "bench-vit-b16"):
+    for step in ("tests", "bench-kernels", "bench-vit-b16", "bench-data-gpu"):
         assert "exit 0" in p.stdout.split(f"== {step} ", 1)[1].split("\n", 2)[1], p.stdout
     tests_log = (tmp_path / "tests.log").read_text()
     assert re.search(r"\b[1-9]\d* passed", tests_log) and " failed" not in tests_log, tests_log[-2000:]
-    rows = json.loads((tmp_path / "bench-vit-b16.json").read_text())
-    assert rows, "the bench step wrote no results"
+    for record in ("bench-vit-b16.json", "bench-data-gpu.json"):
+        assert json.loads((tmp_path / record).read_text()), f"{record}: the step wrote no results"

@@ -40,6 +40,8 @@ README = REPO / "README.md"
 NOT_RUN = {
     "make test": "the suite this test belongs to",
     "vit-accel make-shards --source imagenet": "needs the ImageNet tree on disk (parsed here)",
+    "vit-accel bench-data --corpus": "a benchmark of minutes (parsed here; tests/test_bench_data.py runs bench-data "
+                                     "on 48 photos)",
     "vit-accel eval --config timm-vit-b16-r50-384": "needs timm's published weights file and ImageNet shards (parsed "
                                                     "here; tests/test_converted_rows.py runs every row's eval on "
                                                     "tiny shards)",

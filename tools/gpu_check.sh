@@ -9,8 +9,9 @@
 # Results go to $OUT (default runs/gpu-check): env.txt (device, driver, versions), tests.log
 # (the kernel and GPU tests on CUDA, no interpreter), bench-kernels.log plus the microbenchmark
 # tables (attention.md/json, layer_norm.md/json, bias_gelu.md/json), bench-vit-b16.json/log
-# (training images/s, TFLOP/s, MFU for ours, eager, sdpa, compile, timm). Each step has its own
-# time limit (seconds: TESTS_S, KBENCH_S, BENCH_S) so a slow step cannot eat the others; the
+# (training images/s, TFLOP/s, MFU for ours, eager, sdpa, compile, timm), bench-data-gpu.json/log
+# (JPEG decode on the device against the CPU loader). Each step has its own
+# time limit (seconds: TESTS_S, KBENCH_S, BENCH_S, DATA_S) so a slow step cannot eat the others; the
 # exit code is the number of steps that failed. Copy the figures into docs/benchmarks.md with
 # the device, versions, date and these commands.
 #
@@ -48,10 +49,12 @@ if [[ $DRY == 1 ]]; then
   export TRITON_INTERPRET=1
   PYTEST_DRY=(--one-per-file -m "not slow")
   BENCH=(--backend cpu --config vit-b16-ft --steps 1 --warmup 0 --batch 2 --set model.depth=1)
+  DATA=(--corpus 32 --workers 0 --batch-size 8 --device cpu)
 else
   unset TRITON_INTERPRET
   PYTEST_DRY=()
   BENCH=(--backend gpu --config vit-b16-ft --steps 20 --warmup 5)
+  DATA=(--corpus 1000 --workers 2 8 --device cuda)
 fi
 if compgen -G ".whl/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -93,11 +96,16 @@ cat "$OUT/env.txt"
 # 1. correctness on the real device: every kernel test and the GPU backend's tests
 step tests "${TESTS_S:-300}" "$PY" -m pytest -q -p no:cacheprovider "${PYTEST_DRY[@]}" tests/test_kernels_attention.py \
     tests/test_kernels_layer_norm.py tests/test_kernels_bias_gelu.py tests/test_kernels_convergence.py \
-    tests/test_kernels_torch_compile.py tests/test_model.py tests/test_gpu.py tests/test_timm_parity.py
+    tests/test_kernels_torch_compile.py tests/test_model.py tests/test_gpu.py tests/test_timm_parity.py \
+    tests/test_device_decode.py
 # 2. kernel microbenchmarks at ViT shapes (tables land in $OUT)
 step bench-kernels "${KBENCH_S:-240}" "$PY" -m pytest -q -p no:cacheprovider "${PYTEST_DRY[@]}" tests/bench/test_bench_kernels.py -m bench
 # 3. end-to-end training throughput, ViT-B/16 224 px bf16, every provider side by side
 step bench-vit-b16 "${BENCH_S:-240}" "$PY" -m vit_accel bench "${BENCH[@]}" --json "$OUT/bench-vit-b16.json"
+# 4. input: data.decode=gpu (nvJPEG, crop and flip on the device) against our CPU decode, per worker
+#    count: images/s, and images per host CPU-second (3000 / that = the host cores one GPU's feed takes)
+step bench-data-gpu "${DATA_S:-240}" "$PY" -m vit_accel bench-data "${DATA[@]}" --pipelines train gpu-decode \
+    --json "$OUT/bench-data-gpu.json"
 
 echo "gpu_check: $failed step(s) failed; results in $OUT"
 exit "$failed"

@@ -85,7 +85,8 @@ class DataConfig:
     max_bad_fraction: float = 0.001
     mixup: float = 0.0                    # Beta alpha of mixup (0 = off)
     cutmix: float = 0.0                   # Beta alpha of cutmix (0 = off)
-    decoder: str = "auto"
+    decoder: str = "auto"                 # full-size JPEGs: auto (torchvision, simplejpeg, then pil), or one of them
+    decode: str = "cpu"                   # "cpu" (loader workers) or "gpu" (JPEG bytes to the device, nvJPEG)
     auto_augment: str = ""                # "" or "imagenet" (ClassyVision's policy via torchvision)
     rand_augment: str = ""                # "" or a timm RandAugment string, e.g. "rand-m9-mstd0.5-inc1"
     random_erasing: float = 0.0           # probability of mmpretrain's RandomErasing (mode 'rand')

@@ -44,7 +44,9 @@ from .augment import SampleAugment
 from .reader import (DataError, ResumeMismatch, ShardList, plan_streams, resampled_shards, samples_per_stream,
                      stream_records)
 from .samples import BadSampleStats, Opts, ReaderTally, bad_sample_error, decode_sample, identity, too_many_bad
-from .transforms import resample_filter, resolve_decoder, train_transform
+from .batches import check_decode_place, new_train_batch
+from .device_decode import DeviceDecoder
+from .transforms import resample_filter, resolve_decoder
 
 STATE_VERSION = 1
 
@@ -80,10 +82,9 @@ class _TrainEpoch(IterableDataset):
         records = stream_records(o.shards, shard_ids, o.shuffle_buffer, rng, cursor, total, ring=o.batch_size)
         scale, ratio = tuple(o.scale), tuple(o.ratio)
         augment = _sample_augment(o)
-        B, S = o.batch_size, o.img_size
+        B = o.batch_size
         for _ in range(remaining):
-            images = torch.empty((B, 3, S, S), dtype=torch.uint8)
-            view = images.numpy()
+            batch = new_train_batch(o, B, info is not None)
             labels = torch.empty((B,), dtype=torch.int64)
             keys = []  # type: List[str]
             n = 0
@@ -95,16 +96,15 @@ class _TrainEpoch(IterableDataset):
                                     "up from (all of its input was bad?)" % (g, self.epoch)) from None
                 cursor, tally.seen = pos + 1, tally.seen + 1
                 crop_rng = random.Random("%d/%d/%d/%d" % (o.seed, self.epoch, g, pos))
-                arr, label, reason = decode_sample(rec, o.num_classes, lambda data: train_transform(
-                    data, S, crop_rng, scale, ratio, o.interpolation, o.hflip, o.decoder, augment))
+                _, label, reason = decode_sample(rec, o.num_classes, lambda data: batch.put(
+                    n, data, crop_rng, scale, ratio, o.interpolation, o.hflip, o.decoder, augment))
                 if reason:
                     tally.skip(rec, reason)
                     continue
-                view[n] = arr.transpose(2, 0, 1)
                 labels[n] = label
                 keys.append(rec.key)
                 n += 1
-            yield images, labels, keys, {"reader": k, "cursor": cursor, "seen": tally.seen, "bad": tally.bad,
+            yield batch.images, labels, keys, {"reader": k, "cursor": cursor, "seen": tally.seen, "bad": tally.bad,
                                          "new_bad": tally.take_new_bad()}
 
 
@@ -121,7 +121,9 @@ class TrainLoader:
     `batches_per_epoch` batches per epoch, the same on every rank. `state_dict()` /
     `load_state_dict()` give and restore the position of the next batch. `auto_augment`,
     `rand_augment`, `random_erasing` (with the normalization `mean`/`std` as erasing's fill)
-    add per-sample augmentations after crop and flip (see augment.py).
+    add per-sample augmentations after crop and flip (see augment.py). `decode="gpu"`: the
+    workers ship JPEG bytes with their crop boxes and flips, and batches come out decoded on
+    `decode_device` (see batches.py and device_decode.py).
     """
 
     def __init__(self, shards: ShardList, img_size: int, batch_size: int, seed: int, rank: int = 0,
@@ -131,12 +133,15 @@ class TrainLoader:
                  max_bad_fraction: float = 0.001, return_keys: bool = False, pin_memory: bool = False,
                  prefetch_factor: int = 2, auto_augment: str = "", rand_augment: str = "",
                  random_erasing: float = 0.0, mean: Sequence[float] = (127.5, 127.5, 127.5),
-                 std: Sequence[float] = (127.5, 127.5, 127.5)):
+                 std: Sequence[float] = (127.5, 127.5, 127.5), decode: str = "cpu", decode_device: str = "cuda"):
         if not 0 <= rank < world_size:
             raise ValueError("rank %d is not in 0..world_size-1 (world_size=%d)" % (rank, world_size))
         if batch_size < 1 or img_size < 1:
             raise ValueError("batch_size and img_size must be positive, got %d and %d" % (batch_size, img_size))
         resample_filter(interpolation)  # fail now, not in a worker
+        check_decode_place(decode, [k for k, v in (("data.auto_augment", auto_augment),
+                                                   ("data.rand_augment", rand_augment),
+                                                   ("data.random_erasing", random_erasing)) if v])
         readers = world_size * max(workers, 1)
         n = len(shards.urls)
         if resampled:
@@ -165,7 +170,7 @@ class TrainLoader:
                        decoder=resolve_decoder(decoder), max_bad_fraction=max_bad_fraction,
                        num_classes=len(shards.classes) if shards.classes else None, per_reader=per_reader,
                        auto_augment=auto_augment, rand_augment=rand_augment, random_erasing=random_erasing,
-                       mean=list(mean), std=list(std))
+                       mean=list(mean), std=list(std), decode=decode)
         _sample_augment(self.o)  # a bad name or a missing library fails now, not in a worker
         self.batches_per_epoch = per_reader * max(workers, 1)
         self.samples_per_epoch = self.batches_per_epoch * batch_size  # per rank
@@ -176,6 +181,7 @@ class TrainLoader:
         self.stats = BadSampleStats()
         self._epoch, self._batch = 0, 0
         self._streams = self._fresh_streams()
+        self.device_decoder = DeviceDecoder(decode_device) if decode == "gpu" else None
 
     def _fresh_streams(self) -> List[List[int]]:
         return [[0, 0, 0] for _ in range(max(self.o.workers, 1))]
@@ -257,6 +263,9 @@ class TrainLoader:
                 prev_seen, prev_bad = self._streams[k][1], self._streams[k][2]
                 self._streams[k] = [info["cursor"], info["seen"], info["bad"]]
                 self.stats.add(info["seen"] - prev_seen, info["bad"] - prev_bad, info["new_bad"])
+                if self.device_decoder is not None:
+                    images, labels, bad = self.device_decoder(images, labels, keys)
+                    self.stats.add(0, len(bad), [(key, "data.decode=gpu", why) for key, why in bad])
                 if too_many_bad(self.stats.bad, self.stats.seen, o.max_bad_fraction):
                     raise bad_sample_error(self.stats.bad, self.stats.seen, o.max_bad_fraction, self.stats.examples,
                                      "on rank %d" % o.rank)

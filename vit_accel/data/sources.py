@@ -55,7 +55,8 @@ def build_train_loader(cfg: Any, img_size: int, batch_size: int, seed: int, rank
                        decoder=cfg.decoder, max_bad_fraction=cfg.max_bad_fraction, return_keys=return_keys,
                        pin_memory=pin_memory, auto_augment=getattr(cfg, "auto_augment", ""),
                        rand_augment=getattr(cfg, "rand_augment", ""),
-                       random_erasing=getattr(cfg, "random_erasing", 0.0), mean=cfg.mean, std=cfg.std)
+                       random_erasing=getattr(cfg, "random_erasing", 0.0), mean=cfg.mean, std=cfg.std,
+                       decode=getattr(cfg, "decode", "cpu"))
 
 
 def build_eval_loader(cfg: Any, img_size: int, batch_size: int, rank: int = 0, world_size: int = 1,
