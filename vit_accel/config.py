@@ -70,7 +70,8 @@ class DataConfig:
     eval_crop_fraction: float = 0.0       # timm's crop_pct: shorter side to floor(img_size / fraction), 0 = eval_resize
     eval_interpolation: str = ""          # "" = data.interpolation
     workers: int = 4
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000            # raw records per stream (the run holds streams x this many)
+    streams: int = 0                      # the epoch's order: this many sample streams (0 = auto; see data/loader.py)
     resampled: bool = False
     max_bad_fraction: float = 0.001
     mixup: float = 0.0                    # Beta alpha of mixup (0 = off)
@@ -123,6 +124,8 @@ class TrainConfig:
     eval_batch_size: int = 0              # 0 = the micro-batch size
     ema_momentum: float = 0.0             # model EMA, mmengine's momentum: ema = (1 - m) ema + m w (0 = off)
     max_skipped_steps: int = 50           # fp16: this many optimizer steps skipped in a row stop the run
+    stop_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # checkpoint, then exit 75
+    async_checkpoint: bool = False        # snapshot in host memory, write in a background thread
 
 
 @dataclass
