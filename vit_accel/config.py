@@ -455,8 +455,10 @@ def validate(r: Recipe, backends: Optional[List[str]] = None) -> None:
     if len(r.data.mean) != 3 or len(r.data.std) != 3:
         raise ConfigError("data.mean and data.std need 3 values (RGB)")
     from .engine.schedule import check_schedule
+    from .engine.stop import check_stop_signals
 
     check_schedule(r.schedule)
+    check_stop_signals(r.train.stop_signals)
     g = r.train.global_batch_size
     if g <= 0:
         raise ConfigError("train.global_batch_size must be positive")

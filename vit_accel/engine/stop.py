@@ -1,0 +1,82 @@
+"""Stopping on a scheduler's signal: finish the step in flight, checkpoint it, exit 75.
+
+A preempted job gets a signal before it is killed (SLURM's ``--signal``, torchrun forwarding
+its own SIGTERM). ``train.stop_signals`` (default SIGTERM, SIGUSR1) are caught: the handler only
+notes the signal; after each optimizer step the processes agree (one all-reduce) whether any of
+them got one, so all stop after the same step, write a checkpoint there, and the command exits
+with EXIT_STOPPED (75, EX_TEMPFAIL: try again later). A second signal while the checkpoint is
+written is reported and ignored, so the save completes; SIGKILL still kills, and then the
+previous complete checkpoint is the newest. Python 3.8 / torch 2.0 compatible.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ..errors import ConfigError
+from . import distributed
+
+EXIT_STOPPED = 75
+_NEVER_CAUGHT = ("SIGKILL", "SIGSTOP")
+
+
+class Stopped(Exception):
+    """The run stopped on a signal after checkpointing step ``step`` at ``path``."""
+
+    def __init__(self, signal_name: str, step: int, path: Any, run_dir: Any):
+        super().__init__("stopped by %s after step %d; checkpoint %s" % (signal_name, step, path))
+        self.signal_name, self.step, self.path, self.run_dir = signal_name, step, path, run_dir
+
+
+def check_stop_signals(names: List[str]) -> None:
+    """ConfigError for a name that is not a signal this process can catch."""
+    for name in names:
+        if name in _NEVER_CAUGHT or not name.startswith("SIG") or not isinstance(getattr(signal, name, None),
+                                                                                 signal.Signals):
+            raise ConfigError("train.stop_signals: %r is not a signal a process can catch; use names such as "
+                              "SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP ([] turns this off)" % name)
+
+
+class StopSignals:
+    """Catches ``names`` while the loop runs (``with``); ``agreed()`` after a step says whether to stop."""
+
+    def __init__(self, names: List[str]):
+        check_stop_signals(names)
+        self.names = list(names)
+        self.received = None  # type: Optional[str]
+        self._previous = {}  # type: Dict[int, Any]
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():   # Python delivers signals there only
+            for name in self.names:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = name
+            print("vit-accel: %s received: finishing this step, then checkpointing it" % name, file=sys.stderr,
+                  flush=True)
+        else:
+            print("vit-accel: %s received again: ignored while the checkpoint is written (SIGKILL stops at once; "
+                  "the previous complete checkpoint then stays the newest)" % name, file=sys.stderr, flush=True)
+
+    def agreed(self) -> Optional[str]:
+        """The signal that stops the run, if any process got one (collective when distributed)."""
+        if not distributed.is_distributed():
+            return self.received
+        got = distributed.all_reduce_sum(torch.tensor([0.0 if self.received is None else 1.0], dtype=torch.float64))
+        if got[0].item() == 0:
+            return None
+        return self.received or "a signal to another process"
