@@ -66,7 +66,8 @@ NPROC_PER_NODE=${NPROC_PER_NODE:-$(gpus)}
 # waits as long as it is told to; older ones forward SIGTERM only (SIGUSR1 would end torchrun) and
 # wait 30 s before SIGKILL (a checkpoint cut short leaves the previous one the newest).
 signals=()
-if "$PYTHON" -m torch.distributed.run --help 2>/dev/null | grep -q -- --shutdown-timeout; then
+torch_dir=$("$PYTHON" -c "import importlib.util as u; print(u.find_spec('torch').submodule_search_locations[0])")
+if grep -q -- shutdown-timeout "$torch_dir/distributed/run.py"; then
   signals=(--signals_to_handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "$SHUTDOWN_TIMEOUT")
 fi
 

@@ -1,14 +1,14 @@
 """Worker for tests/test_zero.py: ZeRO checkpoints resumed on another number of processes.
 
-    python tests/zero_resize_worker.py --out DIR [--load DIR2] [--check DIR3]      # one process
-    torchrun --nproc_per_node 2 tests/zero_resize_worker.py --out DIR --load DIR1  # two
+    python tests/zero_resize_worker.py --out DIR --check 'W/{stage}_fp32/checkpoints/step_0000002.pt'
+    torchrun --nproc_per_node 2 tests/zero_resize_worker.py --out DIR2 --load 'DIR/{stage}/step_0000002.pt'
 
 For each ZeRO stage 1, 2, 3 (fp32): train STEPS steps from seed 0 on global batches (the same
 samples whatever the world size: each process takes its slice), checkpointing at HALF into
-DIR/STAGE/; with --load, also resume a fresh backend from the checkpoint another world size wrote
-into DIR2/STAGE/ and train HALF..STEPS; with --check, load DIR3/STAGE/'s checkpoint and compare the
-restored weights and optimizer moments with the file. Rank 0 writes DIR/results.json: per stage the
-losses (mean over processes), the resumed losses and the largest restore differences.
+DIR/STAGE/. With --check, a fresh backend loads the checkpoint the pattern names (written on
+another world size) and compares its restored weights and optimizer moments with the file; with
+--load, it also trains HALF..STEPS from there. Rank 0 writes DIR/results.json: per stage the losses
+(mean over processes), the resumed losses and the largest restore differences.
 """
 from __future__ import annotations
 
@@ -71,13 +71,14 @@ def main() -> None:
         ckpt = out / str(stage) / f"step_{HALF:07d}.pt"
         backend.save_state(ckpt, {"step": HALF})
         rec["losses"] += run_steps(backend, HALF, STEPS)
-        for flag, key in ((args.load, "resumed_losses"), (args.check, "restore")):
-            if flag:
-                fresh = build(stage, "fp32", STEPS, seed=1)
-                path = Path(flag) / str(stage) / f"step_{HALF:07d}.pt"
-                fresh.load_state(path)
-                rec[key] = run_steps(fresh, HALF, STEPS) if key == "resumed_losses" else restore_differences(fresh,
-                                                                                                             path)
+        pattern = args.load or args.check
+        if pattern:
+            fresh = build(stage, "fp32", STEPS, seed=1)      # its own initial weights differ
+            path = Path(pattern.format(stage=stage))
+            fresh.load_state(path)
+            rec["restore"] = restore_differences(fresh, path)
+            if args.load:
+                rec["resumed_losses"] = run_steps(fresh, HALF, STEPS)
         results[stage] = rec
     if distributed.is_main():
         (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -168,7 +168,7 @@ class CheckpointWriter:
         if not self.asynchronous:
             try:
                 atomic_save(payload, path)
-            except OSError as e:
+            except (OSError, RuntimeError) as e:   # torch.save's zip writer reports a failed write as RuntimeError
                 raise CheckpointWriteError("checkpoint %s could not be written (%s); the previous complete "
                                            "checkpoint is intact" % (path, e)) from e
         else:

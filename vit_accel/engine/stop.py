@@ -69,8 +69,9 @@ class StopSignals:
             print("vit-accel: %s received: finishing this step, then checkpointing it" % name, file=sys.stderr,
                   flush=True)
         else:
-            print("vit-accel: %s received again: ignored while the checkpoint is written (SIGKILL stops at once; "
-                  "the previous complete checkpoint then stays the newest)" % name, file=sys.stderr, flush=True)
+            print("vit-accel: %s received again: ignored, the run stops once this step's checkpoint is written "
+                  "(SIGKILL stops at once; the previous complete checkpoint then stays the newest)" % name,
+                  file=sys.stderr, flush=True)
 
     def agreed(self) -> Optional[str]:
         """The signal that stops the run, if any process got one (collective when distributed)."""
