@@ -100,18 +100,26 @@ def copy_until(src: Path, dst: Path, step: int) -> Path:
     return dst
 
 
-def worker_pid(agent: int, local_rank: int) -> Optional[int]:
-    """The pid of torchrun agent ``agent``'s worker with LOCAL_RANK ``local_rank``."""
+def children(parent: int) -> List[int]:
+    """The pids of ``parent``'s child processes (from /proc)."""
+    out = []
     for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
         try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            environ = (d / "environ").read_bytes().split(b"\0")
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                out.append(int(d.name))
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == agent and f"LOCAL_RANK={local_rank}".encode() in environ:
-            return int(d.name)
+    return out
+
+
+def worker_pid(agent: int, local_rank: int) -> Optional[int]:
+    """The pid of torchrun agent ``agent``'s worker with LOCAL_RANK ``local_rank``."""
+    for pid in children(agent):
+        try:
+            if f"LOCAL_RANK={local_rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
+        except OSError:
+            continue
     return None
 
 

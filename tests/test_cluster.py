@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_runs import (EVERY, ROOT, STEPS, SlurmCluster, copy_until, finish, free_port, records,
+from cluster_runs import (EVERY, ROOT, STEPS, SlurmCluster, children, copy_until, finish, free_port, records,
                           torchrun, train_args, wait_for_step, weights, worker_pid, worst)
 from vit_accel.cli import main
 from vit_accel.engine.rundir import list_checkpoints
@@ -66,7 +66,11 @@ def test_a_stop_signal_checkpoints_the_step_in_flight_and_the_resume_is_exact(so
         deadline = time.time() + 600
         while not any(r["step"] >= at for r in records(rd, "train")) and time.time() < deadline:
             time.sleep(0.005)
-        while not done.is_set():   # again and again while the run stops: ignored, nothing torn
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        for pid in children(os.getpid()):   # as a scheduler does: the loader's workers get it too
+            os.kill(pid, signal.SIGTERM)
+        while not done.is_set():            # again and again while the run stops: ignored, nothing torn
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.05)
 
@@ -75,7 +79,8 @@ def test_a_stop_signal_checkpoints_the_step_in_flight_and_the_resume_is_exact(so
     try:
         sender = threading.Thread(target=signal_at_step, daemon=True)
         sender.start()
-        assert main(train_args(data_root) + ["--run-dir", str(rd)]) == EXIT_STOPPED, f"no stop (signal at {at})"
+        # two loader workers here, none in `solo`: the same samples and crops
+        assert main(train_args(data_root, "data.workers=2") + ["--run-dir", str(rd)]) == EXIT_STOPPED, at
     finally:
         done.set()
         sender.join()

@@ -111,6 +111,8 @@ def vit_accel_argv(tok: List[str]) -> Optional[List[str]]:
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         return vit_accel_argv(shlex.split(out.stdout))
+    if tok[0] == "sbatch" and "launch/slurm.sbatch" in tok:   # sbatch options, the script, the command
+        return tok[tok.index("launch/slurm.sbatch") + 1:]
     if tok[0].startswith("launch/"):   # launcher options (--nnodes 2 ...), then the vit-accel command
         i = 1
         while i < len(tok) and tok[i].startswith("--"):

@@ -77,12 +77,16 @@ def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
-    # A scheduler signals every process of a job; the main process checkpoints and then stops
-    # its workers, which must keep serving batches until then.
-    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+def _worker_signals(_worker_id: int) -> None:
+    """A worker forked while the trainer catches its stop signals (engine/stop.py) would inherit
+    that handler. SIGTERM, SIGHUP and SIGINT get their defaults back: the DataLoader stops its
+    workers with SIGTERM. SIGUSR1/2, which a scheduler may send to every process of a job so that
+    it checkpoints, are ignored: the main process decides, and needs no worker after the step."""
+    for name, action in (("SIGTERM", signal.SIG_DFL), ("SIGHUP", signal.SIG_DFL), ("SIGINT", signal.default_int_handler),
+                         ("SIGUSR1", signal.SIG_IGN), ("SIGUSR2", signal.SIG_IGN)):
+        sig = getattr(signal, name, None)
         if sig is not None:
-            signal.signal(sig, signal.SIG_IGN)
+            signal.signal(sig, action)
 
 
 class _EpochPart(IterableDataset):
@@ -305,7 +309,7 @@ class TrainLoader:
             return iter(ds)
         return iter(DataLoader(ds, batch_size=None, num_workers=self.o.readers, collate_fn=identity,
                                pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
-                               worker_init_fn=_ignore_stop_signals))
+                               worker_init_fn=_worker_signals))
 
     def _assemble(self, parts: List[Tuple[Any, ...]]) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
         """The process's batch from its readers' parts: each stream's q samples, streams in increasing order."""

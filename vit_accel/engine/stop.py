@@ -49,6 +49,7 @@ class StopSignals:
         self.names = list(names)
         self.received = None  # type: Optional[str]
         self._previous = {}  # type: Dict[int, Any]
+        self._sigchld = None  # type: Any
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():   # Python delivers signals there only
@@ -60,12 +61,19 @@ class StopSignals:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        self._previous = {}
+        if self._sigchld is not None:
+            signal.signal(signal.SIGCHLD, self._sigchld)
+        self._previous, self._sigchld = {}, None
 
     def _handle(self, signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.received is None:
             self.received = name
+            if hasattr(signal, "SIGCHLD"):
+                # A scheduler that signals every process of the job ends the loader's workers too; the
+                # DataLoader's SIGCHLD handler would raise in the middle of the checkpoint. No batch is
+                # read after this step, so their end no longer matters.
+                self._sigchld = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             print("vit-accel: %s received: finishing this step, then checkpointing it" % name, file=sys.stderr,
                   flush=True)
         else:
