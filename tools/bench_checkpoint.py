@@ -4,7 +4,7 @@
 
 Builds the model and AdamW on the CPU backend, takes one optimizer step (so the moments exist:
 about 1 GB for ViT-B/16 in fp32), then saves through the backend's real path
-(``Backend.save_state`` -> ``engine.saving``), alternating ``train.async_checkpoint`` off and on.
+(``Backend.save_state`` -> ``engine.saving``), ROUNDS times with ``train.async_checkpoint`` off, then on.
 The stall is the time ``save_state`` keeps the caller: the whole write (torch.save, fsync, rename)
 when synchronous; the host snapshot when asynchronous (the write then runs in a thread, timed
 separately until it is on disk). Reports medians over the rounds and their ratio.
@@ -41,13 +41,20 @@ def backend_with_state(model: str) -> CPUBackend:
     return backend
 
 
-def save_once(backend: CPUBackend, path: Path, asynchronous: bool):
-    """(seconds the caller waited, seconds until the file was on disk)."""
-    t0 = time.perf_counter()
-    with writing(asynchronous):
-        backend.save_state(path, {"step": 1})
-        stall = time.perf_counter() - t0
-    return stall, time.perf_counter() - t0
+def saves(backend: CPUBackend, folder: Path, asynchronous: bool, rounds: int):
+    """Per save: (seconds the caller waited, seconds until the file was on disk), one writer for all
+    saves as in a run (an asynchronous writer reuses its host buffers from the second save on)."""
+    out = []
+    with writing(asynchronous) as writer:
+        for i in range(rounds):
+            path = folder / f"{'async' if asynchronous else 'sync'}-{i}.pt"
+            t0 = time.perf_counter()
+            backend.save_state(path, {"step": i})
+            stall = time.perf_counter() - t0
+            writer.wait()   # the training steps between two saves would run here
+            out.append((stall, time.perf_counter() - t0, path.stat().st_size))
+            path.unlink()
+    return out
 
 
 def main() -> None:
@@ -62,22 +69,19 @@ def main() -> None:
     n_bytes += sum(v.numel() * v.element_size() for s in backend.optimizer.state.values() for v in s.values()
                    if torch.is_tensor(v))
     folder = Path(tempfile.mkdtemp(prefix="vit-accel-ckpt-bench-", dir=args.dir))
-    times = {False: [], True: []}
     try:
-        for _ in range(args.rounds):
-            for asynchronous in (False, True):
-                path = folder / ("async.pt" if asynchronous else "sync.pt")
-                times[asynchronous].append(save_once(backend, path, asynchronous))
-                size = path.stat().st_size
-                path.unlink()
+        times = {a: saves(backend, folder, a, args.rounds) for a in (False, True)}
     finally:
         for p in folder.iterdir():
             p.unlink()
         folder.rmdir()
-    med = {k: (statistics.median(s for s, _ in v), statistics.median(d for _, d in v)) for k, v in times.items()}
+    size = times[False][0][2]
+    med = {k: (statistics.median(s for s, _, _ in v), statistics.median(d for _, d, _ in v)) for k, v in times.items()}
     out = {"model": args.model, "state_bytes": n_bytes, "file_bytes": size, "rounds": args.rounds,
            "sync_stall_s": med[False][0], "async_stall_s": med[True][0], "async_on_disk_s": med[True][1],
            "stall_ratio_sync_over_async": med[False][0] / med[True][0], "torch": torch.__version__,
+           "all_seconds": {("async" if k else "sync"): [[round(s, 3), round(d, 3)] for s, d, _ in v]
+                           for k, v in times.items()},
            "python": platform.python_version(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
            "load_average": os.getloadavg()}
     print(f"{args.model} + AdamW: {n_bytes / 2 ** 30:.2f} GiB of state, {size / 2 ** 30:.2f} GiB file, "

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -128,39 +127,46 @@ def read_marker(ckpt: Path) -> Optional[Dict[str, Any]]:
 # The writer
 # ---------------------------------------------------------------------------------------
 
-def snapshot(obj: Any) -> Any:
+def snapshot(obj: Any, buffers: Optional[Dict[Any, torch.Tensor]] = None) -> Any:
     """A copy of ``obj`` whose tensors are on the host and owned by it: training may go on
-    changing the originals while the copy is written."""
+    changing the originals while the copy is written. ``buffers`` (by position in ``obj``) are
+    reused when shape and dtype match: the pages of a 1 GB state are touched once, not per save."""
     pending: List[torch.Tensor] = []
+    buffers = {} if buffers is None else buffers
 
-    def copy(x: Any) -> Any:
+    def copy(x: Any, where: Any) -> Any:
         if isinstance(x, torch.Tensor):
-            out = torch.empty_like(x, device="cpu", pin_memory=x.is_cuda)
+            out = buffers.get(where)
+            if out is None or out.shape != x.shape or out.dtype != x.dtype:
+                out = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=x.is_cuda)
+                buffers[where] = out
             out.copy_(x.detach(), non_blocking=x.is_cuda)
             if x.is_cuda:
                 pending.append(out)
             return out
         if isinstance(x, dict):
-            return {k: copy(v) for k, v in x.items()}
+            return {k: copy(v, where + (k,)) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
-            return type(x)(copy(v) for v in x)
+            return type(x)(copy(v, where + (i,)) for i, v in enumerate(x))
         return x
 
-    out = copy(obj)
+    out = copy(obj, ())
     if pending:
         torch.cuda.synchronize()
     return out
 
 
 class CheckpointWriter:
-    """Writes the files of checkpoints: at once (default), or from a host snapshot in a thread."""
+    """Writes the files of checkpoints: at once (default), or from a host snapshot in a background
+    thread that runs the writes and what follows them (``then``) in order."""
 
     def __init__(self, asynchronous: bool = False):
         self.asynchronous = asynchronous
-        self._thread = None  # type: Optional[threading.Thread]
+        self._pool = None  # type: Any
+        self._pending = []  # type: List[Any]
         self._error = None  # type: Optional[BaseException]
-        self._jobs = []  # type: List[Callable[[], None]]
-        self.stall_seconds = 0.0  # time the training thread spent in write(), summed
+        self._buffers = {}  # type: Dict[Any, torch.Tensor]
+        self.stall_seconds = 0.0  # time the training thread spent in write() and wait(), summed
 
     def write(self, payload: Any, path: Path) -> None:
         """Write ``payload`` to ``path`` atomically (asynchronous: once the previous save is done)."""
@@ -173,37 +179,51 @@ class CheckpointWriter:
                                            "checkpoint is intact" % (path, e)) from e
         else:
             self.wait()   # the next save waits for the previous one
-            data = snapshot(payload)
-            self._jobs = [lambda: atomic_save(data, path)]
+            data = snapshot(payload, self._buffers)
+            self._submit(lambda: atomic_save(data, path))
         self.stall_seconds += time.perf_counter() - t0
 
     def then(self, job: Callable[[], None]) -> None:
-        """Run ``job`` once the files written since the last ``then`` are on disk (the marker)."""
-        if not self.asynchronous:
+        """Run ``job`` once the files written before it are on disk (the marker); not after a failed write."""
+        if self.asynchronous:
+            self._submit(job)
+        else:
             job()
-            return
-        jobs, self._jobs = self._jobs + [job], []
-        self._thread = threading.Thread(target=self._run, args=(jobs,), name="vit-accel-checkpoint", daemon=True)
-        self._thread.start()
 
-    def _run(self, jobs: List[Callable[[], None]]) -> None:
+    def _submit(self, job: Callable[[], None]) -> None:
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vit-accel-checkpoint")
+        self._pending.append(self._pool.submit(self._run, job))
+
+    def _run(self, job: Callable[[], None]) -> None:
+        if self._error is not None:   # a write before it failed: its checkpoint must not be marked complete
+            return
         try:
-            for job in jobs:
-                job()
+            job()
         except BaseException as e:  # reported on the training thread at the next save or at the end
             self._error = e
 
     def wait(self) -> None:
-        """Block until the background write is done; CheckpointWriteError if it failed."""
-        if self._thread is not None:
-            t0 = time.perf_counter()
-            self._thread.join()
-            self.stall_seconds += time.perf_counter() - t0
-            self._thread = None
+        """Block until the background writes are done; CheckpointWriteError if one failed."""
+        t0 = time.perf_counter()
+        for future in self._pending:
+            future.result()
+        self._pending = []
+        self.stall_seconds += time.perf_counter() - t0
         if self._error is not None:
             e, self._error = self._error, None
             raise CheckpointWriteError("a checkpoint could not be written (%s: %s); the previous complete "
                                        "checkpoint is intact" % (type(e).__name__, e)) from e
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
 
 
 _SYNC = CheckpointWriter()
@@ -229,7 +249,7 @@ def writing(asynchronous: bool) -> Iterator[CheckpointWriter]:
     finally:
         _CURRENT.remove(writer)
         try:
-            writer.wait()
+            writer.close()
         except CheckpointWriteError:
             if not failed:   # the run's own error, if any, is the one to report
                 raise
