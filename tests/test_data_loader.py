@@ -436,3 +436,14 @@ def test_resume_on_another_process_count_continues_the_epoch_exactly(bad_shards,
     epoch = [k for c in first + rest[:4] for k in c]
     assert not any(k.startswith("b") for k in epoch) and len(set(epoch)) == 72   # every good sample, none twice but the top-ups
     assert sorted(set(epoch)) == sorted({k for c in ref[:10] for k in c})
+
+
+def test_three_processes_resume_a_two_process_run_when_they_divide_the_streams(shards8):
+    """Formerly an IndexError; now a working resume when 3 divides data.streams, else a clear error."""
+    ref, _ = _calls(shards8, 1, 0, 5, global_batch=48, streams=6)   # 3 calls per epoch, into the next
+    first, states = _calls(shards8, 2, 1, 2, global_batch=48, streams=6)
+    rest, _ = _calls(shards8, 3, 1, 3, global_batch=48, streams=6, states=states)
+    assert first + rest == ref
+    with pytest.raises(DataError, match=r"data.streams \(auto: 8\) cannot be split evenly over 3 processes.*"
+                                        r"runs \(and resumes\) on 1, 2, 4, 8 processes"):
+        build_train_loader(cfg(train_shards=shards8), IMG, 16, 0, rank=2, world_size=3)
