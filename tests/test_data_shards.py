@@ -219,7 +219,8 @@ def test_foreign_shards_and_spec_forms(tmp_path):
                          return_keys=True)
     it = iter(loader)
     keys = [k for _ in range(loader.batches_per_epoch) for k in next(it)[2]]
-    assert len(set(keys)) == 10 and all(k.startswith("img") for k in keys)
+    # a batch of 5 takes one stream (data.streams auto: 1) of both shards: every sample once per epoch
+    assert len(set(keys)) == len(keys) == 15 and all(k.startswith("img") for k in keys)
     keys = [k for _, _, ks in EvalLoader(resolve_shards(str(d)), 16, 4, return_keys=True) for k in ks]
     assert sorted(keys) == sorted(["img0_%d" % i for i in range(7)] + ["img1_%d" % i for i in range(8)])
 

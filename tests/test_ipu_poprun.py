@@ -95,7 +95,8 @@ def test_two_instances_reduce_metrics_write_once_and_resume(tmp_path):
 
     whole = tmp_path / "whole"
     ckpts = list_checkpoints(whole)
-    assert sorted(os.listdir(whole / "checkpoints")) == ["step_0000001.pt", "step_0000002.pt"]  # once, no strays
+    assert sorted(os.listdir(whole / "checkpoints")) == ["step_0000001.done", "step_0000001.pt", "step_0000002.done",
+                                                         "step_0000002.pt"]  # once, each with its marker, no strays
     summary = json.loads((whole / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2
     vals = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()
@@ -106,7 +107,7 @@ def test_two_instances_reduce_metrics_write_once_and_resume(tmp_path):
 
     parts = tmp_path / "parts" / "checkpoints"                   # as if stopped after step 1
     parts.mkdir(parents=True)
-    shutil.copy(ckpts[0], parts / ckpts[0].name)
+    shutil.copy(ckpts[0], parts / ckpts[0].name)   # without its marker: a folder of an older vit-accel
     outs = poprun(tmp_path, ["--run-dir", "parts", "--resume"])
     assert "resumed from" in outs[0] and "at step 1" in outs[0]
     a = torch.load(ckpts[-1], map_location="cpu", weights_only=False)   # written by this test

@@ -59,10 +59,18 @@ def cmd_train(args) -> int:
         print(recipe.to_yaml(), end="")
         return 0
     check_trainable(recipe)
+    from .engine.stop import EXIT_STOPPED, Stopped
     from .engine.trainer import train
 
-    train(recipe, args.backend, run_dir=args.run_dir, resume=args.resume, progress=not args.no_progress,
-          stop_after=args.stop_after, trust_checkpoint=args.trust_checkpoint)
+    try:
+        train(recipe, args.backend, run_dir=args.run_dir, resume=args.resume, progress=not args.no_progress,
+              stop_after=args.stop_after, trust_checkpoint=args.trust_checkpoint)
+    except Stopped as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"vit-accel: stopped by {e.signal_name} after step {e.step}; checkpoint {e.path}. Continue with "
+                  f"the same command and --resume auto --run-dir {e.run_dir} (exit code {EXIT_STOPPED})",
+                  file=sys.stderr, flush=True)
+        return EXIT_STOPPED
     return 0
 
 
@@ -265,6 +273,7 @@ def _unavailable(name: str, e: Exception) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     from .backends import BackendUnavailable
+    from .engine.saving import CheckpointWriteError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -273,7 +282,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, BackendUnavailable, FileNotFoundError, FloatingPointError) as e:
+    except (ConfigError, BackendUnavailable, FileNotFoundError, FloatingPointError, CheckpointWriteError) as e:
         if os.environ.get("RANK", "0") == "0":  # every rank of a launch fails alike: say it once
             print(f"vit-accel: error: {e}", file=sys.stderr, flush=True)
         return 2

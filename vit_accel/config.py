@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +81,8 @@ class DataConfig:
     eval_crop_fraction: float = 0.0       # timm's crop_pct: shorter side to floor(img_size / fraction), 0 = eval_resize
     eval_interpolation: str = ""          # "" = data.interpolation
     workers: int = 4
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000            # raw records per stream (the run holds streams x this many)
+    streams: int = 0                      # the epoch's order: this many sample streams (0 = auto; see data/loader.py)
     resampled: bool = False
     max_bad_fraction: float = 0.001
     mixup: float = 0.0                    # Beta alpha of mixup (0 = off)
@@ -134,6 +136,8 @@ class TrainConfig:
     eval_batch_size: int = 0              # 0 = the micro-batch size
     ema_momentum: float = 0.0             # model EMA, mmengine's momentum: ema = (1 - m) ema + m w (0 = off)
     max_skipped_steps: int = 50           # fp16: this many optimizer steps skipped in a row stop the run
+    stop_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # checkpoint, then exit 75
+    async_checkpoint: bool = False        # snapshot in host memory, write in a background thread
 
 
 @dataclass
@@ -519,6 +523,18 @@ def _check_auto_model(m: ModelConfig) -> None:
                               f"{getattr(m, pinned[0])} would contradict it (set it to 0, or name the variant)")
 
 
+_NEVER_CAUGHT = ("SIGKILL", "SIGSTOP")
+
+
+def check_stop_signals(names: List[str]) -> None:
+    """ConfigError for a name that is not a signal this process can catch."""
+    for name in names:
+        if name in _NEVER_CAUGHT or not name.startswith("SIG") or not isinstance(getattr(signal, name, None),
+                                                                                 signal.Signals):
+            raise ConfigError("train.stop_signals: %r is not a signal a process can catch; use names such as "
+                              "SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP ([] turns this off)" % name)
+
+
 def validate(r: Recipe, backends: Optional[List[str]] = None) -> None:
     from .model import VARIANTS
 
@@ -554,6 +570,7 @@ def validate(r: Recipe, backends: Optional[List[str]] = None) -> None:
     if len(r.data.mean) != 3 or len(r.data.std) != 3:
         raise ConfigError("data.mean and data.std need 3 values (RGB)")
     check_schedule(r.schedule)
+    check_stop_signals(r.train.stop_signals)
     g = r.train.global_batch_size
     if g <= 0:
         raise ConfigError("train.global_batch_size must be positive")

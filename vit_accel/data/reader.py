@@ -298,12 +298,12 @@ def shard_order(num_shards: int, seed: int, epoch: int) -> List[int]:
 
 
 def plan_streams(counts: Sequence[int], num_streams: int, seed: int, epoch: int) -> List[List[int]]:
-    """Shard indices per reader (rank x worker) for one epoch, balanced by sample count.
+    """Shard indices per stream (data.streams) for one epoch, balanced by sample count.
 
-    Shards go, largest first (ties in the epoch's random order), to the reader with the
-    fewest samples so far (ties to the lowest reader). The readers' totals then depend only
+    Shards go, largest first (ties in the epoch's random order), to the stream with the
+    fewest samples so far (ties to the lowest stream). The streams' totals then depend only
     on the multiset of shard sizes, not on the epoch, so batches per epoch are a constant.
-    Each reader reads its shards in the epoch's random order.
+    Each stream reads its shards in the epoch's random order.
     """
     order = shard_order(len(counts), seed, epoch)
     position = {s: p for p, s in enumerate(order)}
@@ -317,12 +317,12 @@ def plan_streams(counts: Sequence[int], num_streams: int, seed: int, epoch: int)
 
 
 def samples_per_stream(counts: Sequence[int], num_streams: int) -> List[int]:
-    """Per-reader sample totals of `plan_streams` (the same for every epoch)."""
+    """Per-stream sample totals of `plan_streams`, sorted (the same for every epoch)."""
     return sorted(sum(counts[s] for s in st) for st in plan_streams(counts, num_streams, 0, 0))
 
 
 def resampled_shards(num_shards: int, seed: int, epoch: int, stream: int) -> Iterator[int]:
-    """Endless shard indices drawn with replacement for one reader (data.resampled=true)."""
+    """Endless shard indices drawn with replacement for one stream (data.resampled=true)."""
     rng = random.Random("resample/%d/%d/%d" % (seed, epoch, stream))
     while True:
         yield rng.randrange(num_shards)
@@ -330,7 +330,7 @@ def resampled_shards(num_shards: int, seed: int, epoch: int, stream: int) -> Ite
 
 def stream_records(shards: ShardList, shard_ids: Any, buffer: int, rng: random.Random, start: int,
                    total: Optional[int], ring: int = 0) -> Iterator[Tuple[int, Record]]:
-    """(output position, Record) of one reader's shuffled stream, from output position `start`.
+    """(output position, Record) of one shuffled stream, from output position `start`.
 
     The first `start` outputs are replayed on indices (no data read for samples already
     consumed, and shards wholly behind the resume point are not opened). With a finite

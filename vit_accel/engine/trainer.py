@@ -6,6 +6,9 @@
 Exact resume: a checkpoint holds model, optimizer, step, data position and RNG states, and
 the dropout RNG is re-seeded from (seed, rank, step) every step, so a run killed at any point
 and resumed from its last checkpoint ends with the same weights as one never interrupted.
+A stop signal (train.stop_signals) checkpoints the step in flight and raises ``Stopped``
+(engine/stop.py); checkpoints count once complete (engine/saving.py); a checkpoint resumes on
+another number of processes (the sample order is the loader's streams, not the world size).
 """
 from __future__ import annotations
 
@@ -30,9 +33,12 @@ from .mixing import micro_batch_mix
 from .optim import check_optim_backend
 from .resolve import Resolved, resolve_recipe
 from .rundir import list_checkpoints  # noqa: F401  (where tests and tools look for it)
-from .rundir import completed_summary, last_logged, run_dir_and_checkpoint, save_checkpoint, set_rng_state
+from .rundir import (check_resumable, completed_summary, last_logged, redone_steps, run_dir_and_checkpoint,
+                     save_checkpoint, set_rng_state)
 from .runlog import RunLog, format_summary, plot_curves
+from .saving import read_marker, writing
 from .schedule import build_schedule, needs_train_samples
+from .stop import StopSignals, Stopped
 
 # ---------------------------------------------------------------------------------------
 # Building blocks
@@ -185,6 +191,9 @@ class _Run:
     skips: Dict[str, int] = field(default_factory=lambda: {"total": 0, "in_a_row": 0})  # fp16 steps skipped
     train_time: float = 0.0
     images_done: int = 0
+    stop: Optional[StopSignals] = None   # the stop signals caught while the steps run
+    saved_step: int = -1                 # the step of the last checkpoint written
+    resumed: Optional[Dict[str, Any]] = None   # the "resume" record for metrics.jsonl
 
 
 def train(recipe: Recipe, backend_name: str = "auto", run_dir: Optional[str] = None,
@@ -241,9 +250,12 @@ def _train_on(backend: Backend, resolved: Resolved, run_dir: Optional[str], resu
     if main:
         (rd / "recipe.yaml").write_text(recipe.to_yaml())
 
+    if run.resumed is not None:
+        log.write(run.resumed)
     t_start = time.time()
-    last_loss = _run_steps(run, log, end)
-    return _finish(run, log, last_loss, t_start)
+    with writing(recipe.train.async_checkpoint), StopSignals(recipe.train.stop_signals) as run.stop:
+        last_loss = _run_steps(run, log, end)
+        return _finish(run, log, last_loss, t_start)
 
 
 def _start_run(recipe: Recipe, backend: Backend, rd: Path, say) -> _Run:
@@ -258,7 +270,7 @@ def _start_run(recipe: Recipe, backend: Backend, rd: Path, say) -> _Run:
     img = recipe.model.img_size
     rank, world = distributed.rank(), distributed.world_size()
     train_loader = build_train_loader(data_cfg, img, backend.batch_per_call, seed=recipe.train.seed,
-                                      rank=rank, world_size=world)
+                                      rank=rank, world_size=world, log=say)
 
     def val_loader():  # with sample keys: the report names the most confident mistakes by them
         return build_eval_loader(data_cfg, img, backend.eval_batch_size, rank=rank, world_size=world,
@@ -268,10 +280,14 @@ def _start_run(recipe: Recipe, backend: Backend, rd: Path, say) -> _Run:
 
 
 def _restore(run: _Run, ckpt_path: Path, trust: bool) -> None:
-    """Weights, optimizer, step, data position, RNG states and EMA from a checkpoint."""
+    """Weights, optimizer, step, data position, RNG states and EMA from a checkpoint (of any world size)."""
     from ..data import DataError, ResumeMismatch
 
+    marker = read_marker(ckpt_path)
+    if marker is not None:   # checked before any weight is read
+        check_resumable(run.recipe, _as_recipe_dict(marker.get("recipe") or {}), ckpt_path, run.run_dir)
     state = run.backend.load_state(ckpt_path, trust=trust)
+    check_resumable(run.recipe, state.get("recipe") or {}, ckpt_path, run.run_dir)
     run.step = int(state["step"])
     run.skips.update(state.get("skipped_steps") or {})
     try:
@@ -288,7 +304,31 @@ def _restore(run: _Run, ckpt_path: Path, trust: bool) -> None:
         run.ema.load_state_dict(state["ema"])
     elif run.ema is not None:
         run.say(f"{ckpt_path} has no EMA: the EMA restarts from the resumed weights")
-    run.say(f"resumed from {ckpt_path} at step {run.step}")
+    run.saved_step = run.step
+    run.resumed = _resume_record(run, ckpt_path, state, marker)
+
+
+def _as_recipe_dict(values: Dict[str, Any]) -> Dict[str, Any]:
+    """A marker's flat ``section.key`` values as a recipe dict."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for key, value in values.items():
+        section, name = key.split(".")
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def _resume_record(run: _Run, ckpt_path: Path, state: Dict[str, Any], marker: Optional[Dict[str, Any]]):
+    """Say what the resume continues and what it redoes; the record metrics.jsonl gets."""
+    redone, last = redone_steps(run.run_dir, run.step)
+    was = (marker or {}).get("world_size") or (state.get("deepspeed") or {}).get("world_size")
+    world = distributed.world_size()
+    run.say(f"resumed from {ckpt_path} at step {run.step}"
+            + (f"; {redone} step(s) redone (the interrupted attempt had reached step {last})" if redone else "")
+            + (f"; written on {was} process(es), continuing on {world}: the same global batch "
+               f"{run.recipe.train.global_batch_size}, {run.backend.batch_per_call} images per process and call"
+               if was and was != world else ""))
+    return {"kind": "resume", "step": run.step, "checkpoint": Path(ckpt_path).name, "redone_steps": redone,
+            "world_size": world, "checkpoint_world_size": was or world}
 
 
 def _run_steps(run: _Run, log: RunLog, end: int) -> float:
@@ -328,7 +368,7 @@ def _run_steps(run: _Run, log: RunLog, end: int) -> float:
                 window_n += 1
             log.advance(spc, _postfix(result, lr, images.shape[0] * world / max(dt, 1e-9), run.skips["total"]))
             if step % t.log_every < spc or step >= end:
-                last_loss = window_loss / window_n if window_n else float("nan")
+                last_loss = _mean_over_processes(window_loss, window_n)
                 bad_logged = _log_train(run, log, result, lr, last_loss, bad_logged)
                 window_loss, window_n = 0.0, 0
             if t.eval_every and step % t.eval_every < spc and step < end:
@@ -336,13 +376,36 @@ def _run_steps(run: _Run, log: RunLog, end: int) -> float:
                 _record_val(run, log, dict(kind="val", step=step, **val))
                 log.message(f"step {step}: {val_message(val)}")
             if t.checkpoint_every and step % t.checkpoint_every < spc and step < end:
-                save_checkpoint(backend, recipe, run.run_dir, step, run.train_loader, ema=run.ema, skips=run.skips,
-                                class_names=run.class_names)
+                _save(run, step)
+            _stop_if_signalled(run, step)
     finally:  # stop the loader's workers (and a read-ahead thread) now, not at interpreter exit
         close = getattr(batches, "close", None)
         if close is not None:
             close()
     return last_loss
+
+
+def _mean_over_processes(total: float, n: int) -> float:
+    """The window's mean training loss over every process (each saw its share of the global batch)."""
+    sums = distributed.all_reduce_sum(torch.tensor([total, float(n)], dtype=torch.float64))
+    return sums[0].item() / sums[1].item() if sums[1].item() else float("nan")
+
+
+def _save(run: _Run, step: int) -> Path:
+    run.saved_step = step
+    return save_checkpoint(run.backend, run.recipe, run.run_dir, step, run.train_loader, ema=run.ema, skips=run.skips,
+                           class_names=run.class_names)
+
+
+def _stop_if_signalled(run: _Run, step: int) -> None:
+    """After a step: if any process got a stop signal, checkpoint this step (once) and raise Stopped."""
+    name = run.stop.agreed() if run.stop is not None else None
+    if name is None:
+        return
+    path = run.run_dir / "checkpoints" / f"step_{step:07d}.pt"
+    if run.saved_step != step:
+        path = _save(run, step)
+    raise Stopped(name, step, path, run.run_dir)
 
 
 def _postfix(result, lr: float, images_per_second: float, skipped: int) -> Dict[str, str]:
@@ -370,8 +433,8 @@ def _log_train(run: _Run, log: RunLog, result, lr: float, loss: float, bad_logge
 def _finish(run: _Run, log: RunLog, last_loss: float, t_start: float) -> Dict[str, Any]:
     """Final checkpoint, evaluation and summary (written to summary.json by the main process)."""
     recipe, backend, rd, step = run.recipe, run.backend, run.run_dir, run.step
-    save_checkpoint(backend, recipe, rd, step, run.train_loader, ema=run.ema, skips=run.skips,
-                    class_names=run.class_names)
+    if run.saved_step != step:
+        _save(run, step)
     val = evaluate_with_ema(backend, recipe, run.val_loader, run.ema, run.class_names)
     _record_val(run, log, dict(kind="val", step=step, **val))
     log.close()
