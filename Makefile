@@ -7,16 +7,20 @@ STAMP   := $(VENV)/.installed
 # the test recipe runs (after the environment exists), not when make starts.
 INTERP  = $$($(PY) -c "import torch; print('' if torch.cuda.is_available() else 'TRITON_INTERPRET=1')")
 
-.PHONY: venv train test test-fast lint-py38 bench clean test-torch20
+.PHONY: venv envs train test test-fast lint-py38 bench clean test-torch20
+# pytest-xdist workers: one per core (each takes one intra-op thread, tests/conftest.py)
+JOBS    ?= auto
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py constraints.txt
+$(STAMP): pyproject.toml setup.py constraints.txt constraints-build.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -c constraints.txt -e '.[test]'
 	$(PIP) install -q -c constraints.txt --no-build-isolation 'deepspeed==0.19.8'
+	# mmcv 1.x, a test oracle: pure Python (no compiled ops), its setup.py needs setuptools < 81
+	MMCV_WITH_OPS=0 $(PIP) install -q -c constraints.txt --build-constraint constraints-build.txt 'mmcv==1.7.2'
 	touch $(STAMP)
 
 train: $(STAMP)
@@ -25,13 +29,23 @@ train: $(STAMP)
 lint-py38: $(STAMP)
 	$(PY) tools/check_py38.py
 
-test: $(STAMP) lint-py38
-	env $(INTERP) $(PY) -m pytest -q -rs tests
+# Both test environments build at once (each mostly waits on downloads and disk), then the suite
+# runs on every core, then the IPU tests under torch 2.0.1.
+envs:
+	$(MAKE) -j2 $(STAMP) $(STAMP20)
+
+test: envs lint-py38
+	env $(INTERP) $(PY) -m pytest -q -rs -n $(JOBS) --dist worksteal tests
 	$(MAKE) test-torch20
+
+# The inner loop: everything but the multi-process and end-to-end runs (marker `slow`).
+test-fast: $(STAMP)
+	env $(INTERP) $(PY) -m pytest -q -rs -n $(JOBS) --dist worksteal -m "not slow and not bench" tests
 
 # The IPU path under torch 2.0.1, the torch PopTorch 3.3/3.4 pin: Python 3.8 (pyenv's, else
 # python3.8, else python3), PyPI's torch 2.0.1 (CUDA 11.7 build: 2.3 min, 4.5 GB cold), the IPU
-# tests with the PopTorch double, the op coverage check and the digits recipe end to end.
+# tests with the PopTorch double, the op coverage check and the digits recipe end to end, and the
+# strict checkpoint reader against every generated pickle attack (its in-process tests).
 PY38    ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.8.*/bin/python3.8) $(shell command -v python3.8) python3)
 VENV20  ?= .venv-torch20
 STAMP20 := $(VENV20)/.installed
@@ -46,6 +60,7 @@ $(STAMP20): constraints-torch20.txt
 
 test-torch20: $(STAMP20)
 	env PYTHONPATH=$(CURDIR) $(VENV20)/bin/python -m pytest -q -p no:cacheprovider $(IPU_TESTS)
+	env PYTHONPATH=$(CURDIR) $(VENV20)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" tests/test_trust.py
 
 bench: $(STAMP)
 	$(PY) -m pytest -q tests/bench -m bench

@@ -11,9 +11,17 @@ except Exception:  # pragma: no cover
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(__file__), "..", "build", "torch_extensions"))
+# Under pytest-xdist every worker is one of several processes sharing the cores: one intra-op thread
+# each (and in the processes its tests start) instead of every worker oversubscribing them all.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
@@ -33,3 +41,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--one-per-file", action="store_true",
+                     help="run only the first test of each file (tools/gpu_check.sh --dry-run)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--one-per-file"):
+        return
+    seen, keep, drop = set(), [], []
+    for item in items:
+        (drop if item.fspath in seen else keep).append(item)
+        seen.add(item.fspath)
+    config.hook.pytest_deselected(items=drop)
+    items[:] = keep

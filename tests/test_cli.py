@@ -48,3 +48,29 @@ def test_missing_backend_exits_2_without_traceback(backend, needle):
 def test_report_on_a_non_run_dir_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_eval_says_which_backend_auto_chose(tmp_path, capsys):
+    from vit_accel.backends import resolve_backend
+
+    assert main(["eval", "--config", "vit-ti-digits", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    err = capsys.readouterr().err
+    assert f"vit-accel eval: --backend auto chose {resolve_backend('auto')}" in err and "no such file" in err
+
+
+def test_train_says_in_one_line_that_it_does_not_pipeline(capsys):
+    assert main(["train", "--config", "vit-ti-digits", "--set", "pipeline.stages=[patch_embed]", "--print-config"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train does not pipeline" in err[0] and "pipeline.*" in err[0]
+    assert main(["train", "--config", "vit-ti-digits", "--print-config"]) == 0
+    assert capsys.readouterr().err == ""      # the recipe's own pipeline section (for `plan`) is no news
+
+
+def test_a_reader_that_goes_away_is_no_traceback():
+    """`vit-accel configs | head -1`: the pipe closes before the output is written."""
+    p = subprocess.Popen([sys.executable, "-m", "vit_accel", "configs"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    p.stdout.close()                      # before the command has imported anything
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

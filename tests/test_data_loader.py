@@ -137,11 +137,11 @@ def test_resume_continues_exactly(shards8, workers, stop):
 
 def test_resume_does_not_read_consumed_samples(shards8, monkeypatch):
     """Skipping replays the shuffle on indices: no decode, and whole consumed shards stay closed."""
-    from vit_accel.data import loader as loader_mod
+    from vit_accel.data import batches as batches_mod
     from vit_accel.data import reader as reader_mod
 
     opened, decoded = [], [0]
-    real_iter, real_transform = reader_mod.iter_records, loader_mod.train_transform
+    real_iter, real_transform = reader_mod.iter_records, batches_mod.train_sample
 
     def spy_iter(url, want=None):
         opened.append(os.path.basename(url))
@@ -152,18 +152,18 @@ def test_resume_does_not_read_consumed_samples(shards8, monkeypatch):
         return real_transform(*a, **k)
 
     monkeypatch.setattr(reader_mod, "iter_records", spy_iter)
-    monkeypatch.setattr(loader_mod, "train_transform", spy_transform)
-    ld = TrainLoader(resolve_shards(shards8), IMG, 8, 0, workers=0, shuffle_buffer=4)
-    ld.load_state_dict(dict(ld.state_dict(), batch=20, streams=[[160, 160, 0]]))
+    monkeypatch.setattr(batches_mod, "train_sample", spy_transform)
+    ld = TrainLoader(resolve_shards(shards8), IMG, 8, 0, workers=0, shuffle_buffer=4, streams=1)
+    ld.load_state_dict(dict(ld.state_dict(), batch=20, positions=[[160, 160, 0]]))
     next(iter(ld))
     assert decoded[0] == 8
     assert len(opened) <= 2  # 160 of 192 consumed with a buffer of 4: only the last shard(s) open
 
 
 def test_bad_samples_skipped_reported_and_resume_exact(bad_shards):
-    c = cfg(train_shards=bad_shards, workers=2)
+    c = cfg(train_shards=bad_shards, workers=2, max_bad_fraction=0.2)
     ld = build_train_loader(c, IMG, 8, seed=0, return_keys=True)
-    assert ld.batches_per_epoch == 10  # 2 readers x floor(40 / 8), although each reader has only 36 good
+    assert ld.batches_per_epoch == 10  # 4 streams of 20 samples, 2 each per batch; each stream has only 18 good
     it = iter(ld)
     ref = [next(it) for _ in range(10)]
     keys = [k for b in ref for k in b[2]]
@@ -235,17 +235,28 @@ def test_truncated_foreign_shard_is_reported(tmp_path):
         resolve_shards(str(tmp_path / "b.tar"))
 
 
-def test_shard_count_validation_message(tmp_path, shards8):
+def test_layout_validation_messages(tmp_path, shards8):
     for i in range(3):
         _tar(str(tmp_path / ("x-%d.tar" % i)), [("k%d_%d" % (i, j), {"jpg": _jpeg(j), "cls": b"0"})
                                                 for j in range(10)])
+    # 3 shards: at most 2 streams (a power of two dividing the global batch 16), which 4 processes cannot share
     with pytest.raises(DataError) as e:
-        build_train_loader(cfg(train_shards=str(tmp_path)), IMG, 4, 0, rank=1, world_size=2)
+        build_train_loader(cfg(train_shards=str(tmp_path)), IMG, 4, 0, rank=1, world_size=4)
     msg = str(e.value)
-    for part in ("3 shards", "2 ranks x 2 workers = 4 readers", "data.workers <= 1", "data.resampled=true"):
-        assert part in msg
-    with pytest.raises(DataError, match="fewer than batch_size 64"):
-        build_train_loader(cfg(train_shards=shards8), IMG, 64, 0, world_size=2)
+    for part in ("data.streams (auto: 2)", "4 processes", "runs (and resumes) on 1, 2 processes"):
+        assert part in msg, msg
+    with pytest.raises(DataError, match="has 3 shards but data.streams 4 needs at least one shard per stream.*"
+                                        "data.resampled=true"):
+        build_train_loader(cfg(train_shards=str(tmp_path), streams=4), IMG, 4, 0, rank=1, world_size=2)
+    with pytest.raises(DataError, match="data.streams 3 does not divide the global batch of a call, 8"):
+        build_train_loader(cfg(train_shards=str(tmp_path), streams=3), IMG, 4, 0, world_size=2)
+    # 8 streams of 24 samples cannot give 32 each (global batch 2 x 128)
+    with pytest.raises(DataError, match="smallest of 8 streams holds 24 samples, fewer than the 32"):
+        build_train_loader(cfg(train_shards=shards8), IMG, 128, 0, world_size=2)
+    # more workers than the process's streams: one worker per stream, and the log says so
+    said = []
+    ld = build_train_loader(cfg(train_shards=shards8, workers=6), IMG, 8, 0, world_size=2, log=said.append)
+    assert ld.o.readers == 4 and "data.workers 6: this process reads 4 of the 8 streams" in said[0]
 
 
 def test_resampled_mode_gives_equal_batches_with_few_shards(tmp_path):
@@ -262,19 +273,26 @@ def test_resampled_mode_gives_equal_batches_with_few_shards(tmp_path):
         assert ld.state_dict()["epoch"] == 1 and ld.state_dict()["batch"] == 1
 
 
-def test_load_state_dict_refuses_changed_settings(shards8):
+def test_load_state_dict_refuses_changed_order_settings(shards8):
     ld = TrainLoader(resolve_shards(shards8), IMG, 8, 0, workers=2)
     state = dict(ld.state_dict(), batch=3)
-    other = TrainLoader(resolve_shards(shards8), IMG, 8, 0, workers=1)
-    with pytest.raises(ResumeMismatch, match="workers 2 -> 1") as info:
+    other = TrainLoader(resolve_shards(shards8), IMG, 8, 0, workers=2, shuffle_buffer=500)
+    with pytest.raises(ResumeMismatch, match="shuffle_buffer 1000 -> 500") as info:
         other.load_state_dict(state)
-    assert isinstance(info.value, DataError) and info.value.changes == ["workers 2 -> 1"]
+    assert isinstance(info.value, DataError) and info.value.changes == ["shuffle_buffer 1000 -> 500"]
     other.load_state_dict(state, strict=False)
     assert other.state_dict()["batch"] == 0
-    # Another rank's state (or a per_rank list) resumes at the same batch
+    # a position saved by an older vit-accel (per-reader order) is refused, or restarts its epoch
+    old = {"version": 1, "epoch": 2, "batch": 5, "streams": [[40, 40, 0]]}
+    with pytest.raises(ResumeMismatch, match="older vit-accel"):
+        ld.load_state_dict(old)
+    ld.load_state_dict(old, strict=False)
+    assert (ld.state_dict()["epoch"], ld.state_dict()["batch"]) == (2, 0)
+    # another process's state alone (or a per_rank list) resumes at the same batch
     r1 = TrainLoader(resolve_shards(shards8), IMG, 8, 0, rank=1, world_size=2, workers=2)
-    r1.load_state_dict({"per_rank": [dict(ld.state_dict(), world_size=2), dict(r1.state_dict(), batch=5)]})
-    assert r1.state_dict()["batch"] == 5
+    r0 = TrainLoader(resolve_shards(shards8), IMG, 8, 0, rank=0, world_size=2, workers=2)
+    r1.load_state_dict(dict(r0.state_dict(), batch=5))
+    assert r1.state_dict()["batch"] == 5 and r1.state_dict()["positions"][1] == [5 * 2, 5 * 2, 0]
 
 
 @pytest.mark.parametrize("spec_shards,workers", [(8, 2), (1, 2), (8, 0)])
@@ -357,8 +375,75 @@ def test_tar_reader_agrees_with_tarfile(fmt, seekable):
 def test_reader_datasets_pickle_for_spawned_workers(shards8):
     import pickle
 
-    from vit_accel.data.loader import _TrainEpoch
+    from vit_accel.data.loader import _EpochPart
 
     ld = TrainLoader(resolve_shards(shards8), IMG, 8, 0, workers=2)
-    ds = pickle.loads(pickle.dumps(_TrainEpoch(ld.o, 0, 0, [[0, 0, 0], [0, 0, 0]])))
-    assert len(next(iter(ds))[2]) == 8
+    ds = pickle.loads(pickle.dumps(_EpochPart(ld.o, 0, 0, {v: [0, 0, 0] for v in range(8)})))
+    assert len(next(iter(ds))[2]) == 4   # worker 0's part: 4 of the 8 streams, one sample each
+
+
+# ---------------------------------------------------------------------------------------
+# One order for every layout: the samples of each call depend on (seed, epoch, data.streams)
+# and the global batch, not on how many processes and workers read them
+# ---------------------------------------------------------------------------------------
+
+def _calls(shards, world, workers, n, global_batch=16, spec=None, states=None, **kw):
+    """n calls of a world-process job in one process: per call, key -> image bytes over every rank."""
+    loaders = [build_train_loader(cfg(train_shards=shards, workers=workers, **kw), IMG, global_batch // world, seed=4,
+                                  rank=r, world_size=world, return_keys=True) for r in range(world)]
+    if states is not None:
+        for ld in loaders:
+            ld.load_state_dict({"per_rank": states})
+    its = [iter(ld) for ld in loaders]
+    out = []
+    for _ in range(n):
+        call = {}
+        for it in its:
+            images, _, keys = next(it)
+            call.update({k: images[i].numpy().tobytes() for i, k in enumerate(keys)})
+        out.append(call)
+    return out, [ld.state_dict() for ld in loaders]
+
+
+def test_every_layout_reads_the_same_samples_with_the_same_crops_in_every_call(shards8):
+    ref, _ = _calls(shards8, 1, 0, 12)          # one epoch: 8 streams x 2 samples x 12 calls = 192
+    assert sorted(k for c in ref for k in c) == ["s%03d" % i for i in range(192)]
+    for world, workers in [(1, 2), (2, 0), (2, 2), (4, 1), (8, 2)]:
+        got, _ = _calls(shards8, world, workers, 12)
+        assert got == ref, (world, workers)     # the same keys per call, each with the same pixels
+
+
+def test_same_process_count_any_workers_gives_identical_batches(shards8):
+    def batches(workers):
+        ld = build_train_loader(cfg(train_shards=shards8, workers=workers), IMG, 8, seed=4, rank=1, world_size=2,
+                                return_keys=True)
+        it = iter(ld)
+        return [next(it) for _ in range(13)]   # into the second epoch
+
+    a, b = batches(0), batches(4)
+    assert all(x[2] == y[2] and torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2), (4, 2)])
+def test_resume_on_another_process_count_continues_the_epoch_exactly(bad_shards, before, after):
+    """Bad samples shift each stream's position differently: the per-stream positions carry over."""
+    kw = dict(max_bad_fraction=0.2)
+    ref, _ = _calls(bad_shards, 1, 0, 14, global_batch=8, **kw)   # 10 calls per epoch, into the next
+    first, states = _calls(bad_shards, before, 1, 6, global_batch=8, **kw)
+    assert first == ref[:6]
+    rest, _ = _calls(bad_shards, after, 1, 8, global_batch=8, states=states, **kw)
+    assert rest == ref[6:]
+    epoch = [k for c in first + rest[:4] for k in c]
+    assert not any(k.startswith("b") for k in epoch) and len(set(epoch)) == 72   # every good sample, none twice but the top-ups
+    assert sorted(set(epoch)) == sorted({k for c in ref[:10] for k in c})
+
+
+def test_three_processes_resume_a_two_process_run_when_they_divide_the_streams(shards8):
+    """Formerly an IndexError; now a working resume when 3 divides data.streams, else a clear error."""
+    ref, _ = _calls(shards8, 1, 0, 5, global_batch=48, streams=6)   # 3 calls per epoch, into the next
+    first, states = _calls(shards8, 2, 1, 2, global_batch=48, streams=6)
+    rest, _ = _calls(shards8, 3, 1, 3, global_batch=48, streams=6, states=states)
+    assert first + rest == ref
+    with pytest.raises(DataError, match=r"data.streams \(auto: 8\) cannot be split evenly over 3 processes.*"
+                                        r"runs \(and resumes\) on 1, 2, 4, 8 processes"):
+        build_train_loader(cfg(train_shards=shards8), IMG, 16, 0, rank=2, world_size=3)

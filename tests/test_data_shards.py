@@ -65,17 +65,19 @@ def folder(tmp_path_factory):
 
 def test_imagefolder_round_trip_and_write_time_skips(folder, tmp_path, capsys):
     out = tmp_path / "out"
-    assert cli("make-shards", "--input", folder, "--output", out, "--samples-per-shard", 8, "--workers", 2) == 0
+    assert cli("make-shards", "--input", folder, "--val-fraction", 0,
+               "--output", out, "--samples-per-shard", 8, "--workers", 2) == 0
     m = read_manifest(str(out / "train.json"))
     assert m["classes"] == ["cat", "dog", "eel"] and m["num_samples"] == 32
     assert [s["name"] for s in m["shards"]] == ["train-%06d.tar" % i for i in range(5)]  # 34 sources -> 5 shards
     assert sum(s["samples"] for s in m["shards"]) == 32 and max(s["samples"] for s in m["shards"]) <= 7
     assert sorted(s["source"] for s in m["skipped"]) == ["cat/broken.jpg", "eel/notes.jpg"]
     samples = _read_back(str(out / "train.json"))
-    assert samples["extra"][:2] == (1, "png") and samples["bitmap"][:2] == (2, "png")  # BMP stored as PNG
-    assert samples["cat_3"] == (0, "jpg", {"class": "cat", "label": 0, "source": "cat/cat_3.jpg"})
+    # keys are the path below the folder: a key in a report leads back to its file
+    assert samples["dog_extra"][:2] == (1, "png") and samples["eel_bitmap"][:2] == (2, "png")  # BMP stored as PNG
+    assert samples["cat_cat_3"] == (0, "jpg", {"class": "cat", "label": 0, "source": "cat/cat_3.jpg"})
     raw = (folder / "cat" / "cat_3.jpg").read_bytes()
-    found = [r for u in resolve_shards(str(out)).urls for _, r in iter_records(u) if r.key == "cat_3"]
+    found = [r for u in resolve_shards(str(out)).urls for _, r in iter_records(u) if r.key == "cat_cat_3"]
     assert found[0].files["jpg"] == raw  # JPEGs pass through byte for byte when not resized
     assert "32 samples, 2 skipped" in capsys.readouterr().out
 
@@ -84,7 +86,8 @@ def test_webdataset_library_reads_our_shards(folder, tmp_path):
     import webdataset as wds
 
     out = tmp_path / "out"
-    cli("make-shards", "--input", folder, "--output", out, "--samples-per-shard", 8, "--workers", 1)
+    cli("make-shards", "--input", folder, "--val-fraction", 0,
+        "--output", out, "--samples-per-shard", 8, "--workers", 1)
     urls = resolve_shards(str(out / "train.json")).urls
     ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil").to_tuple("__key__", "jpg;png",
                                                                                           "cls", "json")
@@ -92,12 +95,13 @@ def test_webdataset_library_reads_our_shards(folder, tmp_path):
     assert len(rows) == 32
     for key, img, cls, meta in rows:
         assert img.size == (36, 28) and cls == meta["label"]
-        assert key in ("extra", "bitmap") or key.startswith(meta["class"])
+        assert key.startswith(meta["class"] + "_")
 
 
 def test_rerun_skips_valid_shards_and_rewrites_changed_ones(folder, tmp_path, capsys):
     out = tmp_path / "out"
-    args = ("make-shards", "--input", folder, "--output", out, "--samples-per-shard", 10, "--workers", 1)
+    args = ("make-shards", "--input", folder, "--val-fraction", 0,
+            "--output", out, "--samples-per-shard", 10, "--workers", 1)
     cli(*args)
     first = read_manifest(str(out / "train.json"))
     capsys.readouterr()
@@ -116,7 +120,8 @@ def test_rerun_skips_valid_shards_and_rewrites_changed_ones(folder, tmp_path, ca
     assert read_manifest(str(out / "train.json"))["shards"] == first["shards"]  # deterministic bytes
     assert verify_manifest(str(out / "train.json")) == []
     # A different plan (resize) rewrites everything and drops the stale extra shards.
-    cli("make-shards", "--input", folder, "--output", out, "--samples-per-shard", 20, "--resize", 14)
+    cli("make-shards", "--input", folder, "--val-fraction", 0,
+        "--output", out, "--samples-per-shard", 20, "--resize", 14)
     assert sorted(p.name for p in out.iterdir()) == ["train-000000.tar", "train-000001.tar", "train.json"]
     img = Image.open(io.BytesIO(next(r for _, r in iter_records(str(out / "train-000000.tar"))).files["jpg"]))
     assert min(img.size) == 14
@@ -124,7 +129,8 @@ def test_rerun_skips_valid_shards_and_rewrites_changed_ones(folder, tmp_path, ca
 
 def test_interrupted_manifest_is_refused_with_the_fix(folder, tmp_path):
     out = tmp_path / "out"
-    cli("make-shards", "--input", folder, "--output", out, "--samples-per-shard", 10, "--workers", 1)
+    cli("make-shards", "--input", folder, "--val-fraction", 0,
+        "--output", out, "--samples-per-shard", 10, "--workers", 1)
     m = json.loads((out / "train.json").read_text())
     m["complete"] = False
     (out / "train.json").write_text(json.dumps(m))
@@ -185,7 +191,8 @@ def test_bad_inputs_print_one_line_and_return_2(tmp_path, capsys):
 
 
 def test_shard_bytes_target(folder, tmp_path):
-    cli("make-shards", "--input", folder, "--output", tmp_path, "--shard-bytes", "12KB", "--workers", 1)
+    cli("make-shards", "--input", folder, "--val-fraction", 0,
+        "--output", tmp_path, "--shard-bytes", "12KB", "--workers", 1)
     m = read_manifest(str(tmp_path / "train.json"))
     assert len(m["shards"]) > 2 and all(s["bytes"] < 2 * 12 * 1024 for s in m["shards"])
 
@@ -212,17 +219,21 @@ def test_foreign_shards_and_spec_forms(tmp_path):
                          return_keys=True)
     it = iter(loader)
     keys = [k for _ in range(loader.batches_per_epoch) for k in next(it)[2]]
-    assert len(set(keys)) == 10 and all(k.startswith("img") for k in keys)
+    # a batch of 5 takes one stream (data.streams auto: 1) of both shards: every sample once per epoch
+    assert len(set(keys)) == len(keys) == 15 and all(k.startswith("img") for k in keys)
     keys = [k for _, _, ks in EvalLoader(resolve_shards(str(d)), 16, 4, return_keys=True) for k in ks]
     assert sorted(keys) == sorted(["img0_%d" % i for i in range(7)] + ["img1_%d" % i for i in range(8)])
 
 
 def test_manifest_beside_a_pattern_and_base_for_remote(folder, tmp_path):
     out = tmp_path / "out"
-    cli("make-shards", "--input", folder, "--output", out, "--samples-per-shard", 10, "--workers", 1)
+    cli("make-shards", "--input", folder, "--val-fraction", 0,
+        "--output", out, "--samples-per-shard", 10, "--workers", 1)
     m = read_manifest(str(out / "train.json"))
     part = resolve_shards(str(out / "train-{000001..000002}.tar"))
-    assert part.counts == [s["samples"] for s in m["shards"][1:3]] and part.classes == ["cat", "dog", "eel"]
+    # a manifest the user did not name gives the counts of the files named, nothing else
+    assert part.counts == [s["samples"] for s in m["shards"][1:3]] and part.classes is None
+    assert part.urls == [str(out / "train-000001.tar"), str(out / "train-000002.tar")]
     # Object storage: the manifest stays local and names where the bytes live.
     m["base"] = "pipe:cat %s/{name}" % out
     (tmp_path / "remote.json").write_text(json.dumps(m))
@@ -268,7 +279,8 @@ def test_digits_written_once_counts_and_concurrent_calls(tmp_path):
 
 def test_bench_data_runs_and_reports_a_ratio(folder, tmp_path, capsys):
     out = tmp_path / "out"
-    cli("make-shards", "--input", folder, "--output", out, "--samples-per-shard", 16, "--workers", 1)
+    cli("make-shards", "--input", folder, "--val-fraction", 0,
+        "--output", out, "--samples-per-shard", 16, "--workers", 1)
     capsys.readouterr()
     assert cli("bench-data", "--shards", out / "train.json", "--workers", 0, "--batch-size", 8, "--img-size", 16) == 0
     lines = capsys.readouterr().out.strip().splitlines()

@@ -100,6 +100,8 @@ def test_simplejpeg_path_with_a_test_double(monkeypatch):
             return np.asarray(Image.open(io.BytesIO(data)).convert(colorspace))
 
     monkeypatch.setattr(T, "_simplejpeg", FakeSimpleJpeg)
+    assert T.resolve_decoder("auto") == "torchvision"  # the first choice where torchvision imports
+    monkeypatch.setattr(T, "_importable", lambda module: False)
     assert T.resolve_decoder("auto") == "simplejpeg"
     jpeg, png = _encode(_photo(50, 40)), _encode(_photo(50, 40), "PNG")  # too small for draft mode
     a = T.train_transform(jpeg, 32, random.Random(3), decoder="simplejpeg")
@@ -111,6 +113,8 @@ def test_simplejpeg_path_with_a_test_double(monkeypatch):
     assert T.resolve_decoder("auto") == "pil"
     with pytest.raises(ValueError, match="not installed"):
         T.resolve_decoder("simplejpeg")
+    with pytest.raises(ValueError, match="torchvision is not installed"):
+        T.resolve_decoder("torchvision")
 
 
 def test_normalize_values_dtypes_and_shape_check():

@@ -77,3 +77,28 @@ def test_a_process_that_was_in_a_group_ends_without_finalization(tmp_path, group
     assert p.returncode == 3, p.stderr[-2000:]
     assert "done" in p.stdout
     assert ("finalized" in p.stdout) is (not group)
+
+
+FAILING = r"""
+import atexit, sys, torch.distributed as dist
+import vit_accel.cli as cli
+atexit.register(lambda: print("finalized", flush=True))
+
+def main(argv=None):
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+    raise RuntimeError("a defect inside a command")
+
+cli.main = main
+cli.entry()
+"""
+
+
+def test_an_exception_escaping_the_command_still_ends_through_end_process(tmp_path):
+    """`vit-accel` (cli.entry): a traceback and exit code 1, and, after a process group, no
+    interpreter finalization (the gloo abort end_process avoids)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, "-c", FAILING, str(tmp_path / "rdv")], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "RuntimeError: a defect inside a command" in p.stderr and "Traceback" in p.stderr
+    assert "finalized" not in p.stdout

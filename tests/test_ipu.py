@@ -6,7 +6,6 @@ code of vit_accel/backends/ipu.py, unchanged.
 """
 import importlib
 import json
-import os
 import sys
 
 import pytest
@@ -14,11 +13,10 @@ import torch
 import torch.nn.functional as F
 
 import poptorch_double
-from vit_accel.backends import ipu as ipu_mod
 from vit_accel.backends.ipu import (IPUBackend, apply_plan, build_inference_options, build_optimizer,
-                                    build_options, cross_entropy, make_poptorch_loader)
+                                    build_options)
 from vit_accel.backends.pipeline import build_plan
-from vit_accel.config import load_recipe
+from vit_accel.config import ConfigError, load_recipe
 from vit_accel.model import create_vit
 
 try:
@@ -171,16 +169,6 @@ def test_vit_b16_ft_optimizer(double):
     assert decay["lr"] == 0.08 and decay["momentum"] == 0.9
 
 
-def test_cross_entropy_matches_torch():
-    logits, y = torch.randn(6, 7), torch.randint(0, 7, (6,))
-    for s in (0.0, 0.1):
-        torch.testing.assert_close(cross_entropy(logits, y.int(), s), F.cross_entropy(logits, y, label_smoothing=s))
-    soft = torch.softmax(torch.randn(6, 7), -1)
-    torch.testing.assert_close(cross_entropy(logits, soft), F.cross_entropy(logits, soft))
-    # mixed targets already carry the smoothing: the recipe's label_smoothing is not applied twice
-    torch.testing.assert_close(cross_entropy(logits, soft, 0.1), F.cross_entropy(logits, soft))
-
-
 # ---------------------------------------------------------------------------------------
 # steps through the double
 # ---------------------------------------------------------------------------------------
@@ -217,6 +205,21 @@ def test_lr_is_pushed_with_set_optimizer_when_it_changes(double):
     b.train_step(x, y, lr=0.01)
     assert b.train_model.optimizer_pushes == [[0.01, 0.01]]
     assert all(g["lr"] == 0.01 for g in b.optimizer.param_groups)
+
+
+def test_layer_decay_pushes_each_groups_scaled_rate(double):
+    from vit_accel.engine.optim import build_optimizer as host_optimizer, set_lr
+
+    r, b, m = small_backend(["optim.layer_decay=0.5"])
+    b.setup(m)
+    x, y = batch(16)
+    b.train_step(x, y, lr=0.05)
+    b.train_step(x, y, lr=0.01)
+    host = host_optimizer(create_vit("vit-ti16", img_size=16, patch_size=8, depth=4, num_classes=5), r.optim)
+    set_lr(host, 0.01)    # what the cpu and gpu backends set: lr x 0.5 ** (depth + 1 - layer) per group
+    assert b.train_model.optimizer_pushes == [[g["lr"] for g in host.param_groups]]
+    assert len(set(b.train_model.optimizer_pushes[0])) == 6 and max(b.train_model.optimizer_pushes[0]) == 0.01
+    assert all("lr_scale" not in g for g in b.optimizer.param_groups)  # PopTorch sees plain groups
 
 
 def test_batch_contract(double):
@@ -298,19 +301,8 @@ def test_loader_wrapping(double):
     b.setup(m)
     loader = [batch(16)]
     assert b.wrap_train_loader(loader) is loader          # no position to checkpoint: unchanged
-
-    class Samples(torch.utils.data.IterableDataset):
-        def __iter__(self):
-            for i in range(40):
-                yield torch.full((3, 16, 16), i, dtype=torch.uint8), i % 5
-
-    opts = build_options(r, double)
-    dl = make_poptorch_loader(opts, Samples(), micro_batch_size=4, buffer_size=3)
-    assert dl.mode == double.DataLoaderMode.AsyncRebatched
-    assert dl.async_options == {"load_indefinitely": True, "buffer_size": 3}
-    assert [tuple(x.shape) for x, _ in dl] == [(16, 3, 16, 16)] * 2   # combined batches, last dropped
-    with pytest.raises(AttributeError, match="frozen"):
-        opts.replicationFactor(2)
+    with pytest.raises(ConfigError, match="ipu.loader_mode: 'async' is not one of sync, async_rebatched"):
+        small_backend(["ipu.loader_mode=async"])
 
 
 # ---------------------------------------------------------------------------------------

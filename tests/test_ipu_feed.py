@@ -13,7 +13,7 @@ from vit_accel.backends.ipu_feed import ReadAhead
 from vit_accel.config import load_recipe
 from vit_accel.data.digits import ensure_digits
 from vit_accel.data.loader import TrainLoader
-from vit_accel.data.reader import resolve_shards
+from vit_accel.data import resolve_shards
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

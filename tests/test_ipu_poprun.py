@@ -23,7 +23,7 @@ from vit_accel.backends.ipu import IPUBackend
 from vit_accel.config import ConfigError, load_recipe
 from vit_accel.data.digits import ensure_digits
 from vit_accel.data import EvalLoader
-from vit_accel.data.reader import resolve_shards
+from vit_accel.data import resolve_shards
 from vit_accel.engine.trainer import list_checkpoints
 from vit_accel.model import ViTConfig, ViT
 
@@ -53,7 +53,7 @@ def poprun(cwd, extra, instances=2):
         env = dict(os.environ, OMPI_COMM_WORLD_RANK=str(i), OMPI_COMM_WORLD_SIZE=str(instances),
                    POPDIST_NUM_TOTAL_REPLICAS="2", POPDIST_NUM_IPUS_PER_REPLICA="2", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, ".shim"), os.environ.get("PYTHONPATH", "")]))
+                   PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
         logs.append(os.path.join(str(cwd), "instance%d-%d.log" % (i, port)))
         with open(logs[-1], "w") as log:
             procs.append(subprocess.Popen([sys.executable, INSTANCE] + ARGS + list(extra), cwd=cwd, env=env,
@@ -95,7 +95,8 @@ def test_two_instances_reduce_metrics_write_once_and_resume(tmp_path):
 
     whole = tmp_path / "whole"
     ckpts = list_checkpoints(whole)
-    assert sorted(os.listdir(whole / "checkpoints")) == ["step_0000001.pt", "step_0000002.pt"]  # once, no strays
+    assert sorted(os.listdir(whole / "checkpoints")) == ["step_0000001.done", "step_0000001.pt", "step_0000002.done",
+                                                         "step_0000002.pt"]  # once, each with its marker, no strays
     summary = json.loads((whole / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2
     vals = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()
@@ -106,7 +107,7 @@ def test_two_instances_reduce_metrics_write_once_and_resume(tmp_path):
 
     parts = tmp_path / "parts" / "checkpoints"                   # as if stopped after step 1
     parts.mkdir(parents=True)
-    shutil.copy(ckpts[0], parts / ckpts[0].name)
+    shutil.copy(ckpts[0], parts / ckpts[0].name)   # without its marker: a folder of an older vit-accel
     outs = poprun(tmp_path, ["--run-dir", "parts", "--resume"])
     assert "resumed from" in outs[0] and "at step 1" in outs[0]
     a = torch.load(ckpts[-1], map_location="cpu", weights_only=False)   # written by this test

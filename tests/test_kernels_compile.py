@@ -7,25 +7,45 @@ specialization Triton's runtime would use on the GPU, for every autotune config.
 read its JSON table: what the GPU would run must fit the target, use tensor cores, load
 memory 128 bits at a time, and leave the autotuner a configuration that does not spill.
 """
+import hashlib
 import json
 import os
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "compile_kernels.py"
+ROOT = Path(__file__).resolve().parent.parent
+TOOL = ROOT / "tools" / "compile_kernels.py"
+
+
+def _inputs_key() -> str:
+    """What the table is a function of: the kernels, the tool, triton's version and the target."""
+    h = hashlib.sha256(("triton %s cuda:90" % version("triton")).encode())
+    for f in [TOOL] + sorted((ROOT / "vit_accel_kernels").glob("*.py")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 @pytest.fixture(scope="module")
 def sm90(tmp_path_factory):
+    """The tool's table. Compiling takes a minute or more: a table compiled from the same inputs
+    (kept in build/, keyed by their hash) is reused; any change to a kernel compiles afresh."""
+    kept = ROOT / "build" / "compile_kernels" / ("sm90-%s.json" % _inputs_key())
+    if kept.exists():
+        return subprocess.CompletedProcess([], 0, "reused " + str(kept), ""), json.loads(kept.read_text())
     tmp = tmp_path_factory.mktemp("compile")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp / "cache")  # compile for real, not from an earlier cache
     p = subprocess.run([sys.executable, str(TOOL), "--target", "cuda:90", "--json", str(tmp / "t.json")],
                        env=env, capture_output=True, text=True, timeout=1200)
     table = json.loads((tmp / "t.json").read_text()) if (tmp / "t.json").exists() else None
+    if p.returncode == 0 and table is not None:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.with_suffix(".tmp").write_text(json.dumps(table))
+        os.replace(kept.with_suffix(".tmp"), kept)
     return p, table
 
 

@@ -97,6 +97,7 @@ def _train(model, data, labels, triton, steps=20, batch=4):
     return losses
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_triton_and_torch_training_agree():
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from vit_accel.config import ConfigError, Recipe, load_recipe
 from vit_accel.backends import pipeline as pl
 from vit_accel.backends import pipeline_cost as cost
+from vit_accel.backends import stages
 from vit_accel.backends.pipeline_report import plan_report
 from vit_accel.backends.pipeline_run import emulate_pipeline_step, stage_modules
 from vit_accel.model import count_macs, create_vit, vit_config
@@ -72,7 +73,7 @@ def test_analytic_counts_match_the_model():
         by = cost.module_params(m.cfg)
         assert sum(by.values()) == m.num_params()
         for name in ("patch_embed", "blocks.1", "norm", "head"):
-            own = sum(p.numel() for k, p in m.named_parameters() if pl.module_of_param(k) == name)
+            own = sum(p.numel() for k, p in m.named_parameters() if stages.module_of_param(k) == name)
             assert own == by[name], name
         assert sum(cost.module_macs(m.cfg).values()) == count_macs(m.cfg)
     assert sum(cost.module_params(vit_config("vit-b16")).values()) == 86_567_656   # timm's count

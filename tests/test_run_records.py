@@ -33,7 +33,8 @@ def _records(rd: Path):
 def test_bad_samples_recorded_with_key_and_shard(tmp_path, capsys):
     train = write_digit_tars(tmp_path / "train", "train", [30, 30], bad={0: ["broken_train"]}, split="train")
     val = write_digit_tars(tmp_path / "val", "val", [20, 20], bad={1: ["broken_val"]})
-    recipe = load_recipe("vit-ti-digits", SMALL + ["data.source=shards", f"data.train_shards={train}",
+    recipe = load_recipe("vit-ti-digits", SMALL + ["data.source=shards", "model.num_classes=10",  # plain tars
+                                                   f"data.train_shards={train}",
                                                    f"data.val_shards={val}", "schedule.total_steps=5",
                                                    "schedule.warmup_steps=1", "data.max_bad_fraction=0.05"],
                          backends=["cpu"])
@@ -128,3 +129,28 @@ def test_a_run_directory_that_holds_a_run_is_continued_or_refused_never_mixed(tm
     assert main(args + ["--resume", "auto"]) == 0         # continuing it is allowed (already complete here)
     assert "nothing to train" in capsys.readouterr().out
     assert (rd / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("failure", [None, RuntimeError("protobuf is too new")], ids=["not-installed", "broken"])
+def test_tensorboard_absent_is_quiet_and_broken_is_said(tmp_path, monkeypatch, capsys, failure):
+    import sys
+    import types
+
+    from vit_accel.engine.runlog import RunLog
+
+    if failure is None:
+        monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)    # the import raises ImportError
+    else:
+        def broken(*args, **kwargs):
+            raise failure
+
+        monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=broken))
+    log = RunLog(tmp_path, total_steps=2, start_step=0, progress=False)
+    log.write({"step": 1, "loss": 0.5})
+    log.close()
+    err = capsys.readouterr().err
+    assert log.tb is None and json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 0.5
+    if failure is None:
+        assert err == ""
+    else:
+        assert "TensorBoard is installed but failed (RuntimeError: protobuf is too new)" in err

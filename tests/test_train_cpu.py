@@ -73,15 +73,17 @@ def test_digits_run_beats_chance_and_writes_the_run_dir(tmp_path, data_root, mon
         (tmp_path / "digit.png").write_bytes(tar.extractfile(png).read())
     assert main(["predict", "--checkpoint", ckpt, str(tmp_path / "digit.png")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    probs = [float(line.split()[-1].rstrip("%")) for line in lines if line.strip().startswith("class")]
+    rows = [line.split() for line in lines[lines.index(str(tmp_path / "digit.png")) + 1:]]
+    probs = [float(p.rstrip("%")) for _, p in rows]
     assert len(probs) == 5 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 100.01
+    assert {name for name, _ in rows} <= set("0123456789")   # the digits' class names, from the checkpoint
 
     # resuming with other data settings would change the sample order: refused, with the fix
     resume = ["train", "--config", "vit-ti-digits", "--run-dir", str(rd), "--no-progress", "--set",
               f"data.root={data_root}", "--resume", str(rd / "checkpoints" / "step_0000075.pt")] + TINY
-    assert main(resume + ["--set", "data.workers=1"]) == 2
+    assert main(resume + ["--set", "data.shuffle_buffer=100"]) == 2
     err = capsys.readouterr().err
-    assert "workers 2 -> 1" in err and "recipe.yaml" in err and "Traceback" not in err
+    assert "shuffle_buffer 512 -> 100" in err and "recipe.yaml" in err and "Traceback" not in err
     assert "load_state_dict" not in err  # the CLI user is told about the CLI, not the API
 
 

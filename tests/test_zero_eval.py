@@ -25,3 +25,8 @@ def test_zero3_validation_over_uneven_shards(tmp_path):
     assert sum(r0["images"]) == 150 and sum(n for n in r1["images"][:2]) == 30 and set(r1["images"][2:]) == {1}
     assert r0["val_count"] == r1["val_count"] == 180  # every sample counted once, blanks never
     assert r0["val_loss"] == r1["val_loss"] and r0["val_top1"] == r1["val_top1"]
+    # per-class results are collective too: both ranks hold the whole set's counts and mistakes
+    for key in ("val_per_class", "val_confusion", "val_mistakes", "val_class_names"):
+        assert r0[key] == r1[key], key
+    assert sum(map(sum, r0["val_confusion"])) == 180 and sum(p["count"] for p in r0["val_per_class"]) == 180
+    assert len(r0["val_mistakes"]) == 10 and r0["val_class_names"] == [str(i) for i in range(10)]

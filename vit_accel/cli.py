@@ -9,10 +9,11 @@ import importlib
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
-from .config import ConfigError, find_config, list_configs, load_recipe
+from .config import ConfigError, check_trainable, find_config, list_configs, load_recipe
 from .errors import InputError
 
 # (module, function) pairs that register sub-commands living beside their code
@@ -43,33 +44,63 @@ def _load_for_backend(args):
     return load_recipe(args.config, args.overrides, backends=[args.backend])
 
 
+def _say(text: str) -> None:
+    """A line on stderr from rank 0 of a launch (every rank would say the same)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(text, file=sys.stderr, flush=True)
+
+
 def cmd_train(args) -> int:
     recipe = _load_for_backend(args)
+    if any(o.split("=", 1)[0].strip().startswith("pipeline.") for o in args.overrides):
+        _say("vit-accel train: pipeline.* is read by `vit-accel plan` and the pipelining runner only; train does "
+             "not pipeline (it trains data parallel; on IPUs the stages are ipu.splits), so it is ignored here")
     if args.print_config:
         print(recipe.to_yaml(), end="")
         return 0
+    check_trainable(recipe)
+    from .engine.stop import EXIT_STOPPED, Stopped
     from .engine.trainer import train
 
-    train(recipe, args.backend, run_dir=args.run_dir, resume=args.resume, progress=not args.no_progress,
-          stop_after=args.stop_after, trust_checkpoint=args.trust_checkpoint)
+    try:
+        train(recipe, args.backend, run_dir=args.run_dir, resume=args.resume, progress=not args.no_progress,
+              stop_after=args.stop_after, trust_checkpoint=args.trust_checkpoint)
+    except Stopped as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"vit-accel: stopped by {e.signal_name} after step {e.step}; checkpoint {e.path}. Continue with "
+                  f"the same command and --resume auto --run-dir {e.run_dir} (exit code {EXIT_STOPPED})",
+                  file=sys.stderr, flush=True)
+        return EXIT_STOPPED
     return 0
 
 
 def cmd_eval(args) -> int:
+    asked = args.backend
     recipe = _load_for_backend(args)
+    if asked == "auto":
+        _say(f"vit-accel eval: --backend auto chose {args.backend}")
     from .backends import create_backend
-    from .checkpoints import load_pretrained
-    from .engine.trainer import build_model, evaluate
+    from .checkpoints import load_pretrained, read
+    from .engine.classeval import format_classes
+    from .engine.resolve import resolve_for_eval
+    from .engine.trainer import build_model, evaluate, val_message
     from .data import build_eval_loader
     from .engine import distributed
 
+    src = read(args.checkpoint)  # once: the model section, the class names and the weights come from it
+    resolved = resolve_for_eval(recipe, src)
+    recipe = resolved.recipe
     backend = create_backend(args.backend, recipe)
     try:
-        recipe.model.pretrained = ""
-        model = build_model(recipe, backend)
-        report = load_pretrained(model, args.checkpoint)
+        model = build_model(recipe, backend, class_names=resolved.class_names)
+        report = load_pretrained(model, src)
         if distributed.is_main():
             print(f"loaded {args.checkpoint}: {report}")
+        new_head = [d for d in report.dropped if d.startswith("head.weight") and "classes" in d]
+        if new_head:
+            raise ConfigError(f"{args.checkpoint}: {new_head[0].split(': ', 1)[1]}: evaluating would score an "
+                              f"untrained head; set model.num_classes to the checkpoint's (or auto with its "
+                              f"validation manifest)")
         if args.ema:
             from .engine.ema import load_ema_weights
 
@@ -79,12 +110,12 @@ def cmd_eval(args) -> int:
         backend.setup(model)
         # evaluation needs only the validation split (the bundled digits write both on first use)
         loader = build_eval_loader(recipe.data, recipe.model.img_size, backend.eval_batch_size,
-                                   rank=distributed.rank(), world_size=distributed.world_size())
-        res = evaluate(backend, recipe, loader)
+                                   rank=distributed.rank(), world_size=distributed.world_size(), return_keys=True)
+        res = evaluate(backend, recipe, loader, resolved.class_names)
         if distributed.is_main():
             print(json.dumps(res) if args.json else
-                  f"val top-1 {100 * res['val_top1']:.2f}%  top-5 {100 * res['val_top5']:.2f}%  "
-                  f"loss {res['val_loss']:.4f}  ({res['val_count']} images)")
+                  f"{val_message(res)}  loss {res['val_loss']:.4f}  ({res['val_count']} images)\n"
+                  + format_classes(res))
     finally:
         backend.close()
     return 0
@@ -93,18 +124,17 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     import torch
 
-    from .checkpoints import model_from_checkpoint
+    from .checkpoints import model_from_source, read
     from .data.transforms import eval_resize_size, eval_transform, normalize
 
-    model, _ = model_from_checkpoint(args.checkpoint)
+    src = read(args.checkpoint)  # read once: weights, class names and a training run's preprocessing
+    model, _ = model_from_source(src)
     model.eval()
     data = None
     if args.config:
         data = load_recipe(args.config, args.overrides).data.__dict__
-    else:
-        payload = _training_payload(args.checkpoint)
-        if payload and payload.get("recipe"):
-            data = payload["recipe"]["data"]
+    elif isinstance((src.hints.get("recipe") or {}).get("data"), dict):
+        data = src.hints["recipe"]["data"]
     mean, std = (data["mean"], data["std"]) if data else ([127.5] * 3, [127.5] * 3)
     resize = eval_resize_size(model.cfg.img_size, data.get("eval_resize", 0), data.get("eval_crop_fraction", 0.0)) \
         if data else 0
@@ -117,20 +147,12 @@ def cmd_predict(args) -> int:
             probs = model(normalize(img, mean, std)).softmax(-1)[0]
         k = min(args.top, probs.numel())
         p, idx = probs.topk(k)
+        names = [model.cfg.class_name(i) for i in idx.tolist()]
+        width = max(len(n) for n in names)
         print(path)
-        for pi, ii in zip(p.tolist(), idx.tolist()):
-            print(f"  class {ii:>5d}  {100 * pi:6.2f}%")
+        for pi, name in zip(p.tolist(), names):
+            print(f"  {name:<{width}}  {100 * pi:6.2f}%")
     return 0
-
-
-def _training_payload(path: str):
-    """The dict of a vit-accel training checkpoint, else None (read like any checkpoint: no code runs)."""
-    from .checkpoints.files import load_untrusted
-
-    if Path(path).is_dir() or Path(path).suffix in (".safetensors", ".npz", ".json"):
-        return None
-    obj = load_untrusted(path)
-    return obj if isinstance(obj, dict) and obj.get("format") == "vit-accel-train" else None
 
 
 def recipe_summary(name: str) -> dict:
@@ -164,7 +186,9 @@ def cmd_configs(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .engine.runlog import format_summary, plot_curves
+    from .engine.classeval import format_classes
+    from .engine.classplot import plot_confusion
+    from .engine.runlog import format_summary, plot_curves, read_metrics
 
     rd = Path(args.run_dir)
     summary = rd / "summary.json"
@@ -172,10 +196,19 @@ def cmd_report(args) -> int:
         if not (rd / "metrics.jsonl").exists():
             raise ConfigError(f"{rd} is not a run directory (no summary.json or metrics.jsonl)")
         print(f"{rd}: run not finished (no summary.json); plotting what metrics.jsonl has")
+        vals = [r for r in read_metrics(rd) if r.get("kind") == "val"]
+        last = vals[-1] if vals else {}
     else:
-        print(format_summary(json.loads(summary.read_text())))
-    out = plot_curves(rd)
-    print(f"curves: {out}")
+        last = json.loads(summary.read_text())
+        print(format_summary(last))
+        last = dict(last, step=last.get("steps"))
+    classes = format_classes(last)
+    if classes:
+        print(classes)
+    print(f"curves: {plot_curves(rd)}")
+    confusion = plot_confusion(rd, last)
+    if confusion:
+        print(f"confusion matrix: {confusion}")
     return 0
 
 
@@ -193,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--trust-checkpoint", action="store_true",
-                   help="read the --resume file with the full unpickler, which RUNS ANY CODE the file names: "
-                        "only for an older checkpoint you wrote yourself")
+                   help="read the --resume file (and a ZeRO run's .ds folder) with the full unpickler, which RUNS "
+                        "ANY CODE the files name: only for a checkpoint you wrote yourself")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 
@@ -206,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="top-5 classes of images")
+    p = sub.add_parser("predict", help="top-5 classes of images, by name when the checkpoint has names")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("images", nargs="+")
     p.add_argument("--config", default=None, help="recipe for normalization (default: the checkpoint's)")
@@ -218,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="every recipe with its reproduces: block, as JSON")
     p.set_defaults(func=cmd_configs)
 
-    p = sub.add_parser("report", help="print a run's summary and redraw curves.png")
+    p = sub.add_parser("report", help="print a run's summary, per-class accuracy and most confident mistakes; "
+                                      "redraw curves.png and confusion.png")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
 
@@ -239,6 +273,7 @@ def _unavailable(name: str, e: Exception) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     from .backends import BackendUnavailable
+    from .engine.saving import CheckpointWriteError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -247,7 +282,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, BackendUnavailable, FileNotFoundError, FloatingPointError) as e:
+    except (ConfigError, BackendUnavailable, FileNotFoundError, FloatingPointError, CheckpointWriteError) as e:
         if os.environ.get("RANK", "0") == "0":  # every rank of a launch fails alike: say it once
             print(f"vit-accel: error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -260,10 +295,28 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def entry() -> None:
-    """The `vit-accel` command (and `python -m vit_accel`): ``main`` then the exit code."""
+    """The `vit-accel` command (and `python -m vit_accel`): ``main`` then the exit code.
+
+    Every way out goes through ``end_process``, an exception escaping ``main`` too (its traceback
+    is printed, exit code 1): after a process group, the interpreter's finalization is what aborts.
+    """
     from .engine import distributed
 
-    distributed.end_process(main())
+    try:
+        code = main()
+    except SystemExit as e:               # argparse, or sys.exit inside a command
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        code = 130
+    except BrokenPipeError:               # the reader went away (`vit-accel configs | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush writes nowhere
+        code = 141                        # what a shell reports for a pipe's writer
+    except BaseException:                 # a defect: say where, then leave as every run does
+        traceback.print_exc()
+        code = 1
+    distributed.end_process(code)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 
@@ -22,13 +23,16 @@ from .errors import ConfigError  # noqa: F401  (defined beside the other user er
 # Sections
 # ---------------------------------------------------------------------------------------
 
+AUTO = "auto"  # a model value taken from the data or the pretrained file (engine/resolve.py)
+
+
 @dataclass
 class ModelConfig:
-    name: str = "vit-b16"                 # a row of vit_accel.model.VARIANTS
-    img_size: int = 224
+    name: str = "vit-b16"                 # a row of vit_accel.model.VARIANTS, or "auto": model.pretrained's
+    img_size: int = 224                   # 0 = model.pretrained's (with name auto)
     patch_size: int = 0                   # 0 = the variant's
     depth: int = 0                        # 0 = the variant's
-    num_classes: int = 1000
+    num_classes: Union[int, str] = "auto"  # "auto" = the training data's classes (its manifest); published rows pin it
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
@@ -43,7 +47,14 @@ class ModelConfig:
 
 
 def vit_options(m: ModelConfig) -> Dict[str, Any]:
-    """The ``create_vit(m.name, **options)`` keywords of a model section (0 = the variant's)."""
+    """The ``create_vit(m.name, **options)`` keywords of a model section (0 = the variant's).
+
+    ``auto`` values must be resolved first (``vit_accel.engine.resolve``: from the data and the file).
+    """
+    if m.num_classes == AUTO or m.name == AUTO or not m.img_size:
+        raise ConfigError(f"model.name {m.name!r}, img_size {m.img_size}, num_classes {m.num_classes!r}: 'auto' "
+                          f"values come from the data's manifest and model.pretrained, which only train and eval "
+                          f"read; pin them here (--set model.num_classes=N ...)")
     out: Dict[str, Any] = dict(img_size=m.img_size, num_classes=m.num_classes, drop_rate=m.drop_rate,
                                attn_drop_rate=m.attn_drop_rate, drop_path_rate=m.drop_path_rate,
                                global_pool=m.global_pool, fc_norm=m.fc_norm, layer_norm_eps=m.layer_norm_eps,
@@ -70,12 +81,14 @@ class DataConfig:
     eval_crop_fraction: float = 0.0       # timm's crop_pct: shorter side to floor(img_size / fraction), 0 = eval_resize
     eval_interpolation: str = ""          # "" = data.interpolation
     workers: int = 4
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000            # raw records per stream (the run holds streams x this many)
+    streams: int = 0                      # the epoch's order: this many sample streams (0 = auto; see data/loader.py)
     resampled: bool = False
     max_bad_fraction: float = 0.001
     mixup: float = 0.0                    # Beta alpha of mixup (0 = off)
     cutmix: float = 0.0                   # Beta alpha of cutmix (0 = off)
-    decoder: str = "auto"
+    decoder: str = "auto"                 # full-size JPEGs: auto (torchvision, simplejpeg, then pil), or one of them
+    decode: str = "cpu"                   # "cpu" (loader workers) or "gpu" (JPEG bytes to the device, nvJPEG)
     auto_augment: str = ""                # "" or "imagenet" (ClassyVision's policy via torchvision)
     rand_augment: str = ""                # "" or a timm RandAugment string, e.g. "rand-m9-mstd0.5-inc1"
     random_erasing: float = 0.0           # probability of mmpretrain's RandomErasing (mode 'rand')
@@ -96,7 +109,7 @@ class OptimConfig:
     eps: float = 1e-8
     label_smoothing: float = 0.0
     clip_grad_norm: float = 0.0           # 0 = no clipping
-    loss: str = "ce"                      # "ce" (cross-entropy) or "soft_ce" (soft-target cross-entropy)
+    loss: str = "ce"                      # the source's name, "ce" or "soft_ce": one function (engine/loss.py)
     layer_decay: float = 0.0              # layer-wise lr decay: lr x decay^(depth + 1 - layer) (0 or 1 = off)
 
 
@@ -105,7 +118,7 @@ class ScheduleConfig:
     total_steps: int = 5000
     warmup_steps: int = 800
     warmup_start_factor: float = 0.02     # lr at step 0 = factor x lr
-    kind: str = "cosine"                  # a name of engine/schedule.py SCHEDULES (each source's own formula)
+    kind: str = "cosine"                  # a name of SCHEDULES (each source's own formula, engine/schedule.py)
     min_lr: float = 0.0
     epochs: float = 0.0                   # run length in epochs instead of total_steps (0 = use total_steps)
     warmup_epochs: float = 0.0            # warm-up in epochs instead of warmup_steps
@@ -123,6 +136,8 @@ class TrainConfig:
     eval_batch_size: int = 0              # 0 = the micro-batch size
     ema_momentum: float = 0.0             # model EMA, mmengine's momentum: ema = (1 - m) ema + m w (0 = off)
     max_skipped_steps: int = 50           # fp16: this many optimizer steps skipped in a row stop the run
+    stop_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # checkpoint, then exit 75
+    async_checkpoint: bool = False        # snapshot in host memory, write in a background thread
 
 
 @dataclass
@@ -198,9 +213,21 @@ class ReproducesConfig:
     flops_g: Optional[float] = None       # published FLOPs (G) as the source counts them
     params_resolution: int = 0            # resolution the published params/FLOPs belong to (0 = resolution)
     notes: str = ""
+    evaluation: bool = False              # an evaluation row (converted weights): `train` refuses the recipe
 
 
 REPRODUCES_SOURCES = ("", "mmcls", "mmpretrain", "timm", "classyvision")
+
+
+def check_trainable(r: "Recipe") -> None:
+    """Refuse, in one line, to train a recipe that reproduces an evaluation row."""
+    rp = r.reproduces
+    if rp.evaluation:
+        top1 = f", top-1 {rp.top1}" if rp.top1 else ""
+        raise ConfigError(f"{r.name} is an evaluation row: it reproduces the evaluation of converted weights "
+                          f"({rp.source} {rp.name}, {rp.resolution} px{top1}), not their training; evaluate with "
+                          f"`vit-accel eval --config {r.name} --checkpoint FILE`, or train with a training recipe "
+                          f"(`vit-accel configs` lists them)")
 
 
 @dataclass
@@ -236,9 +263,17 @@ SECTIONS = [f.name for f in dataclasses.fields(Recipe) if f.name not in ("name",
 def _coerce(path: str, value: Any, tp: Any) -> Any:
     """Check (and gently convert) ``value`` against the annotation ``tp``; errors name the key."""
     origin = typing.get_origin(tp)
-    if origin is typing.Union:  # Optional[X]
+    if origin is typing.Union:  # Optional[X], or one of several types (the first that takes the value)
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _coerce(path, value, args[0])
+        if value is None and len(args) < len(typing.get_args(tp)):
+            return None
+        for a in args:
+            try:
+                return _coerce(path, value, a)
+            except ConfigError:
+                pass
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in args)
+        raise ConfigError(f"{path}: expected {names}, got {value!r} ({type(value).__name__})")
     if origin in (list, List):
         (item,) = typing.get_args(tp) or (Any,)
         if isinstance(value, (list, tuple)):
@@ -378,6 +413,10 @@ def load_recipe(name: str, overrides: Optional[List[str]] = None, backends: Opti
     for a in overrides or []:
         apply_override(raw, a)
     recipe = _build(Recipe, raw, "")
+    if recipe.model.num_classes == AUTO and recipe.data.source == "digits":
+        from .data.digits import CLASSES  # a fixed dataset: its count is known without reading it
+
+        recipe.model.num_classes = len(CLASSES)
     validate(recipe, backends)
     return recipe
 
@@ -419,10 +458,91 @@ def batch_split(global_batch: int, micro_batch: int, world_size: int, requested:
     return micro, share // micro
 
 
+# schedule.kind -> what it computes (engine/schedule.py, each as its source does)
+SCHEDULES: Dict[str, str] = {
+    "cosine": "linear warm-up, then cosine from lr to min_lr over the steps after warm-up",
+    "constant": "linear warm-up, then constant lr",
+    "mmcv_cosine": "mmcv 1.x CosineAnnealing by iteration, linear warm-up multiplying it (warmup_ratio)",
+    "mmengine_linear_cosine": "mmengine LinearLR per iteration over warmup_epochs, then CosineAnnealingLR per epoch",
+    "classy_composite": "ClassyVision composite: linear (rescaled) for warmup_fraction, then cosine (fixed)",
+    "classy_cosine": "ClassyVision cosine over the whole run, per step",
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Static checks of the schedule section (engine/schedule.py computes the rates)
+# ---------------------------------------------------------------------------------------
+
+def is_whole(x: float) -> bool:
+    return abs(x - round(x)) < 1e-9
+
+
+def check_schedule(cfg: ScheduleConfig) -> None:
+    """Static checks of a schedule section; errors name the keys and the valid values."""
+    if cfg.kind not in SCHEDULES:
+        raise ConfigError(f"schedule.kind: {cfg.kind!r} is not one of {', '.join(SCHEDULES)}")
+    for key in ("total_steps", "warmup_steps", "epochs", "warmup_epochs", "warmup_fraction", "min_lr"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"schedule.{key} must be >= 0, got {getattr(cfg, key)}")
+    if (cfg.total_steps > 0) == (cfg.epochs > 0):
+        raise ConfigError(f"schedule: give the run's length once, total_steps (optimizer steps) or epochs; got "
+                          f"total_steps {cfg.total_steps} and epochs {cfg.epochs} (set the other one to 0)")
+    warm = [k for k in ("warmup_steps", "warmup_epochs", "warmup_fraction") if getattr(cfg, k) > 0]
+    if len(warm) > 1:
+        raise ConfigError(f"schedule: give the warm-up once; got {' and '.join(f'{k} {getattr(cfg, k)}' for k in warm)}"
+                          f" (set the others to 0)")
+    if cfg.warmup_fraction >= 1:
+        raise ConfigError(f"schedule.warmup_fraction {cfg.warmup_fraction} must be below 1 (a fraction of the run)")
+    if not 0 <= cfg.warmup_start_factor <= 1:
+        raise ConfigError(f"schedule.warmup_start_factor {cfg.warmup_start_factor} must be in [0, 1]")
+    if cfg.kind == "mmengine_linear_cosine":
+        if not (cfg.epochs > 0 and is_whole(cfg.epochs) and cfg.warmup_epochs > 0 and is_whole(cfg.warmup_epochs)):
+            raise ConfigError(f"schedule.kind mmengine_linear_cosine counts whole epochs (its cosine steps once per "
+                              f"epoch): set schedule.epochs and schedule.warmup_epochs to whole numbers, got epochs "
+                              f"{cfg.epochs}, warmup_epochs {cfg.warmup_epochs} (total_steps and warmup_steps 0)")
+    if cfg.kind == "classy_composite" and not cfg.warmup_fraction > 0:
+        raise ConfigError("schedule.kind classy_composite needs schedule.warmup_fraction (its lengths[0], e.g. 0.1) "
+                          "and warmup_steps 0")
+    if cfg.kind == "classy_cosine" and warm:
+        raise ConfigError(f"schedule.kind classy_cosine has no warm-up; set {warm[0]} to 0 (or use classy_composite)")
+    if cfg.total_steps and cfg.warmup_steps and cfg.warmup_steps >= cfg.total_steps:
+        raise ConfigError(f"schedule: warmup_steps {cfg.warmup_steps} >= total_steps {cfg.total_steps}: the warm-up "
+                          f"must end before the run does")
+
+
+def _check_auto_model(m: ModelConfig) -> None:
+    if isinstance(m.num_classes, str) and m.num_classes != AUTO:
+        raise ConfigError(f"model.num_classes: expected a number of classes or 'auto' (the data's), "
+                          f"got {m.num_classes!r}")
+    if isinstance(m.num_classes, int) and m.num_classes < 0:
+        raise ConfigError(f"model.num_classes must be >= 0 (0 = no head) or 'auto', got {m.num_classes}")
+    if m.img_size < 0 or (m.img_size == 0 and m.name != AUTO):
+        raise ConfigError(f"model.img_size {m.img_size}: 0 (the pretrained file's) needs model.name auto; "
+                          f"otherwise give the image size")
+    if m.name == AUTO:
+        pinned = [k for k in ("patch_size", "depth", "representation_size") if getattr(m, k)]
+        if pinned:
+            raise ConfigError(f"model.name auto takes the architecture from model.pretrained; model.{pinned[0]} "
+                              f"{getattr(m, pinned[0])} would contradict it (set it to 0, or name the variant)")
+
+
+_NEVER_CAUGHT = ("SIGKILL", "SIGSTOP")
+
+
+def check_stop_signals(names: List[str]) -> None:
+    """ConfigError for a name that is not a signal this process can catch."""
+    for name in names:
+        if name in _NEVER_CAUGHT or not name.startswith("SIG") or not isinstance(getattr(signal, name, None),
+                                                                                 signal.Signals):
+            raise ConfigError("train.stop_signals: %r is not a signal a process can catch; use names such as "
+                              "SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP ([] turns this off)" % name)
+
+
 def validate(r: Recipe, backends: Optional[List[str]] = None) -> None:
     from .model import VARIANTS
 
-    _one_of("model.name", r.model.name, list(VARIANTS))
+    _one_of("model.name", r.model.name, list(VARIANTS) + [AUTO])
+    _check_auto_model(r.model)
     _one_of("model.global_pool", r.model.global_pool, ("token", "avg"))
     _one_of("reproduces.source", r.reproduces.source, REPRODUCES_SOURCES)
     _one_of("data.source", r.data.source, ("shards", "digits"))
@@ -451,13 +571,10 @@ def validate(r: Recipe, backends: Optional[List[str]] = None) -> None:
         _one_of(f"gpu.{k}", getattr(r.gpu, k), ("triton", "torch"))
     _one_of("distributed.zero_stage", r.distributed.zero_stage, (-1, 0, 1, 2, 3))
     _one_of("pipeline.schedule", r.pipeline.schedule, ("gpipe", "1f1b"))
-    if r.data.source == "shards" and not r.data.train_shards:
-        pass  # allowed at load time (eval-only, plan); the trainer asks for it when it needs data
     if len(r.data.mean) != 3 or len(r.data.std) != 3:
         raise ConfigError("data.mean and data.std need 3 values (RGB)")
-    from .engine.schedule import check_schedule
-
     check_schedule(r.schedule)
+    check_stop_signals(r.train.stop_signals)
     g = r.train.global_batch_size
     if g <= 0:
         raise ConfigError("train.global_batch_size must be positive")

@@ -69,6 +69,9 @@ class ViTConfig:
     norm_impl: str = "torch"
     mlp_impl: str = "torch"
     name: str = field(default="custom", compare=False)
+    # what each output means (HF's id2label, timm's label_names); () = unnamed. Not part of the function
+    # the model computes, so configs that differ only here compare equal.
+    class_names: Tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         def check(ok: bool, msg: str) -> None:
@@ -88,6 +91,9 @@ class ViTConfig:
         check(self.norm_impl in NORM_IMPLS, f"norm_impl must be one of {NORM_IMPLS}, got {self.norm_impl!r}")
         check(self.mlp_impl in MLP_IMPLS, f"mlp_impl must be one of {MLP_IMPLS}, got {self.mlp_impl!r}")
         check(self.num_classes >= 0, "num_classes must be >= 0 (0 = no head)")
+        self.class_names = tuple(str(n) for n in self.class_names or ())  # JSON gives a list
+        check(not self.class_names or len(self.class_names) == self.num_classes,
+              f"{len(self.class_names)} class_names for num_classes {self.num_classes}")
 
     @property
     def grid_size(self) -> int:
@@ -109,6 +115,10 @@ class ViTConfig:
     @property
     def mlp_hidden(self) -> int:
         return int(self.width * self.mlp_ratio)
+
+    def class_name(self, index: int) -> str:
+        """What output ``index`` means: its name, or "class N" for a model without names."""
+        return self.class_names[index] if self.class_names else f"class {index}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,7 +155,7 @@ def _kernel(module: str, option: str, portable: str):
         raise NotImplementedError(
             f"{option}='triton' needs the kernels package and triton ({e}); "
             f"install vit-accel with the [gpu] extra, or choose {option}='{portable}'") from e
-    if not (torch.cuda.is_available() or getattr(mod, "INTERPRETING", False)):
+    if not (torch.cuda.is_available() or importlib.import_module("vit_accel_kernels").INTERPRETING):
         raise ValueError(
             f"{option}='triton' needs a CUDA device (or TRITON_INTERPRET=1 set before the kernels are "
             f"imported) and this process has neither; choose {option}='{portable}' to run on the CPU")

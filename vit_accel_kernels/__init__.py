@@ -16,6 +16,7 @@ import os
 __all__ = [
     "INTERPRETING",
     "interpreting",
+    "check_device",
     "flash_attention",
     "attention_ref",
     "fused_layer_norm",
@@ -35,6 +36,14 @@ def interpreting() -> bool:
 
 
 INTERPRETING = interpreting()
+
+
+def check_device(op: str, device) -> None:
+    """Kernels run on a CUDA device, or on the CPU under the interpreter: anything else is refused."""
+    want = "cpu" if INTERPRETING else "cuda"
+    if device.type != want:
+        where = "the CPU under TRITON_INTERPRET=1" if INTERPRETING else "a CUDA device (or set TRITON_INTERPRET=1 for CPU)"
+        raise ValueError(f"{op}: tensors must be on {where}, got {device}")
 
 _SUBMODULES = ("attention", "layer_norm", "bias_gelu")
 # public name -> (submodule, attribute)

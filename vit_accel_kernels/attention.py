@@ -33,13 +33,13 @@ Design choices:
     fp32). The interpreter cannot benchmark, so it gets a single config.
 """
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from . import INTERPRETING, check_device
+
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -276,10 +276,7 @@ def _check_inputs(q, k, v):
         raise TypeError(f"flash_attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"flash_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    want = "cpu" if INTERPRETING else "cuda"
-    if q.device.type != want:
-        where = "the CPU under TRITON_INTERPRET=1" if INTERPRETING else "a CUDA device (or set TRITON_INTERPRET=1 for CPU)"
-        raise ValueError(f"flash_attention: tensors must be on {where}, got {q.device}")
+    check_device("flash_attention", q.device)
     if k.shape != v.shape:
         raise ValueError(f"flash_attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     b, h, n_q, d = q.shape

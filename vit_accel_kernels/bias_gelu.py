@@ -22,13 +22,13 @@ Design choices:
     Triton CPU interpreter, and the sigmoid form is exact enough (its cancellation near
     0 is multiplied by u, which is then small too).
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from . import INTERPRETING, check_device
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 APPROXIMATIONS = ("none", "tanh")
 
@@ -111,10 +111,7 @@ def _check_inputs(x, bias, approximate):
         raise ValueError(f"bias_gelu: bias shape {tuple(bias.shape)} != ({x.shape[-1]},) (the last dim of x)")
     if bias.device != x.device:
         raise ValueError(f"bias_gelu: bias is on {bias.device}, x on {x.device}")
-    want = "cpu" if INTERPRETING else "cuda"
-    if x.device.type != want:
-        where = "the CPU under TRITON_INTERPRET=1" if INTERPRETING else "a CUDA device (or set TRITON_INTERPRET=1 for CPU)"
-        raise ValueError(f"bias_gelu: tensors must be on {where}, got {x.device}")
+    check_device("bias_gelu", x.device)
 
 
 def bias_gelu_fwd(x, bias, approximate):

@@ -27,14 +27,14 @@ Design choices:
     identity); the incoming grad of h is added to it in the same pass.
   * Output dtype is x's dtype (also under autocast, where torch's layer_norm gives fp32).
 """
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from . import INTERPRETING, check_device
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_N = 8192  # a row must fit in one program's registers
 
@@ -157,10 +157,7 @@ def _check_inputs(x, weight, bias, residual):
     n = x.shape[-1]
     if n > MAX_N:
         raise ValueError(f"layer_norm: hidden size {n} > {MAX_N} does not fit one program's row")
-    want = "cpu" if INTERPRETING else "cuda"
-    if x.device.type != want:
-        where = "the CPU under TRITON_INTERPRET=1" if INTERPRETING else "a CUDA device (or set TRITON_INTERPRET=1 for CPU)"
-        raise ValueError(f"layer_norm: tensors must be on {where}, got {x.device}")
+    check_device("layer_norm", x.device)
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue

@@ -22,7 +22,7 @@ from PIL import Image
 from vit_accel.backends.ipu_feed import ReadAhead
 from vit_accel.data.bench import _rate
 from vit_accel.data.loader import TrainLoader
-from vit_accel.data.reader import resolve_shards
+from vit_accel.data import resolve_shards
 
 pytestmark = pytest.mark.bench
 

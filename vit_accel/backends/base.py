@@ -13,7 +13,6 @@ step). Python 3.8 / torch 2.0 compatible: the IPU path imports this module.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
@@ -22,6 +21,7 @@ import torch
 
 from ..config import Recipe
 from ..engine import distributed
+from ..engine.saving import atomic_save, current_writer  # noqa: F401  (atomic_save: where callers look)
 
 
 class BackendUnavailable(RuntimeError):
@@ -107,8 +107,9 @@ class Backend:
     def load_state(self, path: Path, trust: bool = False) -> Dict[str, Any]:
         """Restore model and optimizer from a ``save_state`` checkpoint; returns its contents (``extra``).
 
-        Only tensors and plain types are read (``trust=True``: the full unpickler, for an older
-        file the user vouches for).
+        The file is read by the strict unpickler without stand-ins (tensors, containers, numpy
+        data; ``checkpoints/unpickle.py``); ``trust=True`` is the full unpickler, for a file the
+        user vouches for.
         """
         raise NotImplementedError
 
@@ -132,12 +133,13 @@ def full_weights(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 def write_checkpoint(path: Path, weights: Dict[str, torch.Tensor], optimizer_state: Optional[Dict[str, Any]],
                      extra: Dict[str, Any], backend_name: str) -> Path:
     """The main process writes ``extra`` + weights + optimizer state (format ``vit-accel-train``)
-    atomically; every process waits for it."""
+    atomically, at once or from a host snapshot in the background (``engine.saving``); every
+    process waits for it (for the snapshot, when asynchronous)."""
     if distributed.is_main():
         payload = dict(extra)
         payload.update({"format": "vit-accel-train", "model": weights, "optimizer": optimizer_state,
                         "backend": backend_name})
-        atomic_save(payload, path)
+        current_writer().write(payload, path)
     distributed.barrier()
     return path
 
@@ -163,15 +165,3 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(inner, torch.nn.Module) and inner is not model:
             return unwrap(inner)
     return model
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename: never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

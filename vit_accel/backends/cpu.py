@@ -14,11 +14,11 @@ from contextlib import nullcontext
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from ..config import batch_split, vit_options
 from ..data.transforms import normalize
 from ..engine import distributed
+from ..engine.loss import training_loss
 from ..engine.optim import build_optimizer, set_lr
 from ..model import vit_config
 from .base import Backend, StepResult, full_weights, read_checkpoint, unwrap, write_checkpoint
@@ -141,16 +141,8 @@ class CPUBackend(Backend):
                    labels[i * mb:(i + 1) * mb].to(self.device, non_blocking=True))
 
     def loss_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """optim.loss "ce": F.cross_entropy; "soft_ce": mean over samples of -sum(target x log_softmax)
-        (ClassyVision's and timm's SoftTargetCrossEntropy), class indices made one-hot first."""
-        # soft targets (mixup/cutmix) already carry the label smoothing
-        smoothing = 0.0 if target.is_floating_point() else self.recipe.optim.label_smoothing
-        if self.recipe.optim.loss == "soft_ce":
-            if not target.is_floating_point():
-                classes = logits.shape[1]
-                target = F.one_hot(target, classes).float() * (1.0 - smoothing) + smoothing / classes
-            return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-        return F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
+        """The training loss (engine/loss.py) with the recipe's label smoothing."""
+        return training_loss(logits, target, self.recipe.optim.label_smoothing)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> StepResult:
         if self.strategy is not None:
@@ -203,7 +195,7 @@ class CPUBackend(Backend):
 
     def load_state(self, path, trust: bool = False) -> Dict[str, Any]:
         if self.strategy is not None:
-            return self.strategy.load_state(path)   # DeepSpeed's own files, read by DeepSpeed
+            return self.strategy.load_state(path, trust)   # DeepSpeed's own files, checked, then read by DeepSpeed
         payload = read_checkpoint(path, trust, self.name)
         unwrap(self.model).load_state_dict(payload["model"])
         if payload["optimizer"] is not None:

@@ -26,11 +26,12 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import ConfigError, Recipe
+from ..engine.loss import training_loss
 from .base import Backend, StepResult, full_weights, read_checkpoint, write_checkpoint
-from .pipeline import StagePlan, build_plan
+from .pipeline import build_plan
+from .stages import StagePlan
 
 log = logging.getLogger(__name__)
 
@@ -184,26 +185,6 @@ def apply_plan(model: nn.Module, plan: StagePlan, poptorch) -> None:
         model.blocks[i].register_forward_hook(_checkpoint_output)
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy for class indices or soft targets, with label smoothing.
-
-    Equal to the CPU backend's loss: ``F.cross_entropy(..., label_smoothing=s)`` for class
-    indices; soft targets are used as they come (the batch mix already smoothed them). The one-hot comes from a comparison
-    with ``arange`` rather than an index op: PopTorch feeds int64 labels as int32, which
-    comparisons accept on every device. Computed in fp32: a 1,000-way log-softmax in fp16
-    loses the small probabilities.
-    """
-    logp = F.log_softmax(logits.float(), dim=-1)
-    classes = logits.shape[-1]
-    if labels.is_floating_point():
-        target = labels.float()
-    else:
-        target = (labels.unsqueeze(1) == torch.arange(classes, device=labels.device)).float()
-    if label_smoothing and not labels.is_floating_point():  # soft targets (mixup) carry their smoothing already
-        target = target * (1.0 - label_smoothing) + label_smoothing / classes
-    return -(target * logp).sum(dim=-1).mean()
-
-
 class TrainingWrapper(nn.Module):
     """forward(images, labels) -> (logits, loss); the loss marked with identity_loss as mmcv."""
 
@@ -214,7 +195,7 @@ class TrainingWrapper(nn.Module):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         logits = self.model(images)
-        loss = cross_entropy(logits, labels, self.label_smoothing)
+        loss = training_loss(logits, labels, self.label_smoothing)
         return logits, _poptorch().identity_loss(loss, reduction="none")
 
 
@@ -224,7 +205,10 @@ def build_optimizer(model: nn.Module, recipe: Recipe, poptorch):
     from ..engine.optim import param_groups
 
     o, ipu = recipe.optim, recipe.ipu
-    groups = param_groups(model, o)
+    # layer-wise decay: each group starts at its own rate; its scale stays on the host (lr_scales), so
+    # PopTorch sees plain groups whose "lr" is a variable pushed by setOptimizer
+    groups = [dict({k: v for k, v in g.items() if k != "lr_scale"}, lr=o.lr * g.get("lr_scale", 1.0))
+              for g in param_groups(model, o)]
     common: Dict[str, Any] = dict(lr=o.lr, weight_decay=o.weight_decay, loss_scaling=ipu.loss_scaling,
                                   accum_type=_dtype("ipu.accum_type", ipu.accum_type))
     if o.clip_grad_norm > 0:
@@ -240,25 +224,14 @@ def build_optimizer(model: nn.Module, recipe: Recipe, poptorch):
     raise ConfigError(f"optim.name: {o.name!r} has no PopTorch optimizer here; use sgd or adamw")
 
 
-def make_poptorch_loader(options, dataset, micro_batch_size: int, num_workers: int = 0, buffer_size: int = 8,
-                         mode: str = "async_rebatched"):
-    """``poptorch.DataLoader`` over a per-sample dataset of your own: each item is one call's
-    combined batch (micro x device iterations x replicas x accumulation). Async modes load in
-    a separate process through a ring buffer of ``buffer_size`` batches. Freezes ``options``.
-    The trainer feeds the IPU through ``ipu_feed.ReadAhead`` instead (exact resume)."""
-    poptorch = _poptorch()
-    modes = {"sync": poptorch.DataLoaderMode.Sync, "async": poptorch.DataLoaderMode.Async,
-             "async_rebatched": poptorch.DataLoaderMode.AsyncRebatched}
-    kwargs: Dict[str, Any] = dict(batch_size=micro_batch_size, num_workers=num_workers,
-                                  mode=_choice("ipu.loader_mode", mode, modes))
-    if mode != "sync":
-        kwargs["async_options"] = {"load_indefinitely": True, "buffer_size": buffer_size}
-    return poptorch.DataLoader(options, dataset, **kwargs)
-
-
 # ---------------------------------------------------------------------------------------
 # The backend
 # ---------------------------------------------------------------------------------------
+
+# async_rebatched (the recipe's word, after poptorch.DataLoaderMode.AsyncRebatched): the loader is read
+# ahead on the host by ipu_feed.ReadAhead, which keeps the exact position for checkpoints
+LOADER_MODES = {"sync": "the loader as it is", "async_rebatched": "read ahead by a host thread"}
+
 
 class IPUBackend(Backend):
     name = "ipu"
@@ -267,7 +240,7 @@ class IPUBackend(Backend):
         super().__init__(recipe)
         self.plan = build_plan(recipe)          # validate before any device work
         ipu = recipe.ipu
-        _choice("ipu.loader_mode", ipu.loader_mode, {"sync": 0, "async": 1, "async_rebatched": 2})
+        _choice("ipu.loader_mode", ipu.loader_mode, LOADER_MODES)
         self._local_replicas = ipu.replicas
         pd = _popdist()
         if pd is not None:                      # poprun: replicas split over instances (unverified)
@@ -341,6 +314,8 @@ class IPUBackend(Backend):
 
     # -- setup ----------------------------------------------------------------------------
     def setup(self, model: nn.Module) -> None:
+        from ..engine.optim import param_groups
+
         poptorch = _poptorch()
         ipu = self.recipe.ipu
         model.train()                            # the executor copies .training at wrap time
@@ -349,6 +324,7 @@ class IPUBackend(Backend):
         apply_plan(model, self.plan, poptorch)
         self.model = model
         self.optimizer = build_optimizer(model, self.recipe, poptorch)
+        self.lr_scales = [g.get("lr_scale", 1.0) for g in param_groups(model, self.recipe.optim)]
         self._lr = self.recipe.optim.lr
         self.options = build_options(self.recipe, poptorch)
         wrapper = TrainingWrapper(model, self.recipe.optim.label_smoothing)
@@ -387,8 +363,8 @@ class IPUBackend(Backend):
                              f"{self.batch_per_call}")
         self._use("train")
         if lr != self._lr:
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
+            for g, scale in zip(self.optimizer.param_groups, self.lr_scales):
+                g["lr"] = lr * scale
             if self.train_model.isCompiled():   # before the first call the compile reads it
                 self.train_model.setOptimizer(self.optimizer)
             self._lr = lr
@@ -420,7 +396,7 @@ class IPUBackend(Backend):
 
     # -- loader -----------------------------------------------------------------------------
     def wrap_train_loader(self, loader):
-        """``ipu.loader_mode`` async / async_rebatched: the trainer's resumable loader read
+        """``ipu.loader_mode`` async_rebatched: the trainer's resumable loader read
         ``ipu.buffer_size`` calls ahead by a host thread that also normalizes and casts the
         images (``ipu_feed.ReadAhead``; checkpoints keep the exact position); sync: unchanged."""
         from .ipu_feed import ReadAhead

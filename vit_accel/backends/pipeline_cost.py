@@ -6,14 +6,13 @@ Python 3.8 / torch 2.0 compatible (the IPU path imports it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Sequence
+from typing import Dict, List, Sequence
 
 from ..config import ConfigError, Recipe
 from ..hybrid import stem_counts
 from ..model import ViTConfig
 
-if TYPE_CHECKING:  # pipeline.py builds plans with these estimates: no runtime import back
-    from .pipeline import Stage, StagePlan
+from .stages import Stage, StagePlan
 
 
 def module_params(cfg: ViTConfig) -> Dict[str, int]:

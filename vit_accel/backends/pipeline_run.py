@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from ..config import ConfigError
-from .pipeline import Stage, StagePlan
+from .stages import Stage, StagePlan
 
 # ---------------------------------------------------------------------------------------
 # Running a plan: one stage as a module

@@ -15,14 +15,17 @@ The same code runs on CPU processes (gloo; fp32 or bf16) so CI trains it for rea
 
 Checkpoint layout (``save_state(run_dir/checkpoints/step_0000100.pt, extra)``)::
 
-    step_0000100.pt    consolidated fp32 weights, our ``vit-accel-train`` format (optimizer None):
+    step_0000100.pt    consolidated fp32 weights and the optimizer state as full tensors in the plain
+                       optimizer's layout (zero_state.py), our ``vit-accel-train`` format:
                        ``vit-accel eval --checkpoint``, ``convert`` and ``predict`` read it anywhere.
-                       Written last, atomically: its presence marks a complete checkpoint.
     step_0000100.ds/   ``engine.save_checkpoint`` (sharded model + optimizer state per rank, the
-                       trainer's ``extra`` as client state, DeepSpeed's ``zero_to_fp32.py``).
+                       trainer's ``extra`` as client state, DeepSpeed's ``zero_to_fp32.py``); not
+                       written by an asynchronous save (``train.async_checkpoint``).
+    step_0000100.done  written last by the trainer once every part is on disk (engine/saving.py).
 
-``load_state`` takes the ``.pt`` path and resumes from the ``.ds`` directory beside it (same
-world size for ZeRO stages 1..3: DeepSpeed's shards are per rank).
+``load_state`` takes the ``.pt`` path. On the world size and ZeRO stage that wrote it, DeepSpeed
+resumes from the ``.ds`` directory beside it; on another world size or stage (or with no ``.ds``)
+the full state in the ``.pt`` is loaded into this run's partitions.
 
 deepspeed is imported here only, and this module only when a recipe asks for ZeRO.
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -40,7 +44,9 @@ import torch
 from ..config import ConfigError, Recipe, batch_split
 from ..engine import distributed
 from ..engine.optim import set_lr
-from .base import StepResult, unwrap, write_checkpoint
+from ..engine.saving import current_writer, fsync_tree, read_marker
+from .base import StepResult, read_checkpoint, unwrap, write_checkpoint
+from .zero_state import full_optimizer_state, load_full_state, record_groups
 
 # DeepSpeed prints its own progress every `steps_per_print` steps; the trainer logs instead.
 _NEVER = 2 ** 31 - 1
@@ -140,6 +146,7 @@ class DeepSpeedStrategy:
                                        self.precision, backend.gradient_accumulation)
         _quiet(deepspeed)
         _init_process_group(deepspeed, backend.dist_backend())
+        self.groups = record_groups(backend.optimizer)     # before DeepSpeed flattens them
         self.engine, _, _, _ = deepspeed.initialize(model=backend.model, optimizer=backend.optimizer,
                                                     config=self.config)
         if self.engine.gradient_accumulation_steps() != backend.gradient_accumulation:
@@ -214,7 +221,8 @@ class DeepSpeedStrategy:
 
     # -- checkpoints ----------------------------------------------------------------------
     def save_state(self, path, extra: Dict[str, Any]) -> Path:
-        """Write ``PATH.ds/`` (DeepSpeed, resumable) then ``PATH`` (fp32 weights); collective."""
+        """Write ``PATH.ds/`` (DeepSpeed's shards; not when saving asynchronously) then ``PATH``
+        (full fp32 weights and optimizer state); collective."""
         b = self.backend
         path = Path(path)
         ds_dir = deepspeed_dir(path)
@@ -222,28 +230,121 @@ class DeepSpeedStrategy:
             shutil.rmtree(ds_dir)            # a half-written attempt at this step
         distributed.barrier()
         tag = path.stem
-        self.engine.save_checkpoint(str(ds_dir), tag=tag, client_state=dict(extra), save_latest=True)
-        extra = dict(extra, deepspeed={"dir": ds_dir.name, "tag": tag, "zero_stage": self.zero_stage,
-                                       "world_size": distributed.world_size()})
+        shards = not current_writer().asynchronous
+        if shards:
+            self.engine.save_checkpoint(str(ds_dir), tag=tag, client_state=dict(extra), save_latest=True)
+            fsync_tree(ds_dir)               # DeepSpeed does not; the marker must not outrun the shards
+        extra = dict(extra, deepspeed={"dir": ds_dir.name if shards else None, "tag": tag,
+                                       "zero_stage": self.zero_stage, "world_size": distributed.world_size()})
         if "vit_config" not in extra:
             cfg = unwrap(self.engine.module).cfg.to_dict()
             cfg.update(attn_impl="sdpa", norm_impl="torch", mlp_impl="torch")  # portable ops
             extra["vit_config"] = cfg
-        return write_checkpoint(path, self.model_state_dict(), None, extra, b.name)
+        optimizer = full_optimizer_state(self.engine, self.groups)
+        return write_checkpoint(path, self.model_state_dict(), optimizer, extra, b.name)
 
-    def load_state(self, path) -> Dict[str, Any]:
-        """Resume model, optimizer and loss scale from ``PATH.ds/``; returns the saved ``extra``."""
+    def load_state(self, path, trust: bool = False) -> Dict[str, Any]:
+        """Resume model, optimizer and loss scale; returns the saved ``extra``.
+
+        DeepSpeed's own shards when this run has the checkpoint's world size and stage, else the
+        full state of ``PATH`` (another number of processes, another stage, plain data parallel).
+        DeepSpeed reads its shards with the full unpickler: they are checked first
+        (``check_deepspeed_checkpoint``) unless ``trust`` (``--trust-checkpoint``); the full state
+        is read by the strict reader.
+        """
         path = Path(path)
         ds_dir = path if path.is_dir() else deepspeed_dir(path)
-        if not ds_dir.is_dir():
-            raise ConfigError(f"{path}: no DeepSpeed state beside it ({ds_dir.name}/ missing), so the optimizer "
-                              "cannot be resumed under ZeRO; to start from its weights use "
-                              f"--set model.pretrained={path}")
+        meta = read_marker(path) if not path.is_dir() else None
+        if meta is None:
+            meta = {"world_size": _saved_world_size(ds_dir), "zero_stage": self.zero_stage}
+        layout = (distributed.world_size(), self.zero_stage)
+        if ds_dir.is_dir() and (meta.get("world_size"), meta.get("zero_stage")) == layout:
+            return self._load_shards(ds_dir, trust)
+        return self._load_full(path, trust, meta)
+
+    def _load_shards(self, ds_dir: Path, trust: bool) -> Dict[str, Any]:
+        if not trust:
+            check_deepspeed_checkpoint(ds_dir)
         load_path, client = self.engine.load_checkpoint(str(ds_dir), tag=None, load_optimizer_states=True,
                                                         load_lr_scheduler_states=False)
         if load_path is None:
             raise ConfigError(f"{ds_dir}: DeepSpeed found no checkpoint there (no 'latest' tag file)")
         return dict(client or {})
+
+    def _load_full(self, path: Path, trust: bool, meta) -> Dict[str, Any]:
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such checkpoint file")
+        payload = read_checkpoint(path, trust, self.backend.name)
+        load_full_state(self.engine, self.engine.module, payload["model"], payload.get("optimizer") or {}, self.groups)
+        if distributed.is_main():
+            was = (meta or {}).get("world_size") or (payload.get("deepspeed") or {}).get("world_size")
+            print(f"{path.name}: full state loaded into ZeRO stage {self.zero_stage} on {distributed.world_size()} "
+                  f"process(es) (written on {was or '?'})"
+                  + ("" if payload.get("optimizer") else "; it has no optimizer state for this backend: the "
+                     "optimizer starts afresh"), flush=True)
+        return payload
+
+
+def _saved_world_size(ds_dir: Path):
+    """The number of processes that wrote DeepSpeed's shards (one optimizer file each), or None."""
+    try:
+        tag = (ds_dir / "latest").read_text().strip()
+    except OSError:
+        return None
+    return len(list((ds_dir / tag).glob("*optim_states.pt"))) or None
+
+
+# The objects of DeepSpeed's own classes in its ZeRO checkpoints (0.19.8, stages 0-3, fp32, bf16
+# and fp16): the optimizer state's loss scaler, the ZeRO stage as an enum, and each parameter's
+# fragment address. Two ways to keep DeepSpeed's full unpickler from running foreign code were
+# open: keep these objects out of the files, or allow exactly these pairs. Keeping them out means
+# rewriting DeepSpeed's optimizer state format, which its loader reads back as objects (it calls
+# the loss scaler's methods), for every stage and version. Allowing them is narrow: building any
+# of them runs no code beyond setting attributes and an enum lookup, the check below builds them
+# as inert stand-ins (it never imports DeepSpeed classes), and every other global stays refused.
+DEEPSPEED_OBJECTS = (("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+                     ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+                     ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                     ("deepspeed.utils.tensor_fragment", "fragment_address"))
+# Scripts DeepSpeed copies beside its checkpoint for users (consolidating by hand); loading never
+# reads or runs them.
+_DEEPSPEED_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+
+
+def check_deepspeed_checkpoint(ds_dir: Path) -> None:
+    """Before DeepSpeed (whose loader is the full unpickler) touches ``ds_dir``: its ``latest`` tag
+    names a folder inside it, and every other file reads with the strict unpickler (tensors, plain
+    types and ``DEEPSPEED_OBJECTS``, as inert stand-ins; no tensor data is read). A file that needs
+    more is refused, naming it: ``--trust-checkpoint`` skips this check."""
+    from ..checkpoints.files import CheckpointError, load_torch
+
+    ds_dir = Path(ds_dir)
+    trust = ("resume a ZeRO checkpoint you wrote yourself with --trust-checkpoint, which lets DeepSpeed read it "
+             "with the full unpickler (it runs whatever code the files name)")
+    latest = ds_dir / "latest"
+    if latest.is_file():
+        tag = latest.read_text(errors="replace").strip()
+        if not re.fullmatch(r"[\w.-]+", tag) or tag in (".", "..") or not (ds_dir / tag).is_dir():
+            raise CheckpointError(f"{latest}: refused: it names {tag[:80]!r}, not a checkpoint folder inside "
+                                  f"{ds_dir} (DeepSpeed would read the files it points at); {trust}")
+    for f in _files_under(ds_dir):
+        if f == latest or (f.parent == ds_dir and f.name in _DEEPSPEED_SCRIPTS):
+            continue
+        load_torch(f, standins=DEEPSPEED_OBJECTS, map_location="meta", hint=trust)
+
+
+def _files_under(root: Path):
+    """Every file below ``root``, through linked folders as DeepSpeed would open them (each folder once)."""
+    seen = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        for name in sorted(files):
+            yield Path(folder) / name
 
 
 def deepspeed_dir(path: Path) -> Path:
@@ -302,4 +403,4 @@ def _quiet(deepspeed) -> None:
         deepspeed.utils.logger.setLevel(logging.WARNING)
 
 
-__all__ = ["DeepSpeedStrategy", "deepspeed_config", "deepspeed_dir"]
+__all__ = ["DeepSpeedStrategy", "check_deepspeed_checkpoint", "deepspeed_config", "deepspeed_dir"]

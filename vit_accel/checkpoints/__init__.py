@@ -32,12 +32,16 @@ import torch.nn.functional as F
 
 from ..hybrid import stem_stride
 from ..model import VARIANT_OPTIONS, VARIANTS, ViT, ViTConfig
+from .classnames import hf_label_maps, mmcls_meta
 from .files import CheckpointError, Source, read
 from .formats import FORMATS, MMCLS, rename, timm_to_hf
 from .npz import timm_to_npz
+from .timm_dir import refusal as timm_dir_refusal
+from .timm_dir import write_timm_dir
 
-__all__ = ["FORMATS", "CheckpointError", "LoadReport", "load_pretrained", "config_from_checkpoint",
-           "model_from_checkpoint", "save_checkpoint", "inspect_checkpoint", "resample_pos_embed",
+__all__ = ["FORMATS", "CheckpointError", "LoadReport", "Source", "read", "load_pretrained", "config_from_checkpoint",
+           "config_from_source", "model_from_checkpoint", "model_from_source", "save_checkpoint",
+           "inspect_checkpoint", "resample_pos_embed",
            "add_convert_parser", "add_inspect_parser"]
 
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # timm/mmcls files do not record heads
@@ -54,6 +58,7 @@ class LoadReport:
     resized: List[str] = field(default_factory=list)
     dropped: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    class_names: List[str] = field(default_factory=list)   # of the head it loaded ([]: none, or unnamed)
 
     def __str__(self) -> str:
         lines = ["loaded %d tensors from %s (format %s)" % (self.loaded, self.path, self.format)]
@@ -148,6 +153,9 @@ def _fit(model: ViT, src: Source, strict_shapes: bool) -> LoadReport:
     model.load_state_dict(fit, strict=False)
     rep.loaded = len(fit)
     vc = src.hints.get("vit_config") or {}
+    names = list(vc.get("class_names") or src.hints.get("class_names") or [])
+    if "head.weight" in fit and len(names) == fit["head.weight"].shape[0]:
+        rep.class_names = names
     eps = src.hints.get("layer_norm_eps", vc.get("layer_norm_eps"))
     if eps is not None and not math.isclose(eps, cfg.layer_norm_eps, rel_tol=1e-6):
         rep.notes.append("warning: the checkpoint's layer_norm_eps is %g, the model's %g; build the model with "
@@ -179,9 +187,10 @@ def _refuse(path: str, keys: List[str], verb: str, which: str) -> None:
                               % (path, verb, len(keys), which, _names(keys)))
 
 
-def load_pretrained(model: ViT, path: str, format: str = "auto", strict_shapes: bool = True) -> LoadReport:
-    """Load a checkpoint of any supported format into ``model``; see LoadReport for what changed."""
-    return _fit(model, read(path, format), strict_shapes)
+def load_pretrained(model: ViT, path, format: str = "auto", strict_shapes: bool = True) -> LoadReport:
+    """Load a checkpoint of any supported format (a path, or a Source already ``read``) into ``model``;
+    see LoadReport for what changed."""
+    return _fit(model, path if isinstance(path, Source) else read(path, format), strict_shapes)
 
 
 def _infer(src: Source, overrides: Dict[str, Any]) -> ViTConfig:
@@ -219,8 +228,12 @@ def _infer(src: Source, overrides: Dict[str, Any]) -> ViTConfig:
     for k in ("layer_norm_eps", "gelu_approximate", "drop_rate", "attn_drop_rate", "num_heads"):
         if src.hints.get(k) is not None:
             c[k] = src.hints[k]
+    if src.hints.get("class_names") and not vc.get("class_names"):
+        c["class_names"] = src.hints["class_names"]
     c.update(vc)
     c.update(overrides)
+    if len(c.get("class_names") or ()) != c["num_classes"] and "class_names" not in overrides:
+        c["class_names"] = ()  # another head than the file's: its names do not apply
     if not c.get("num_heads"):  # a variant of the same shape and kind knows its heads (vit-s16-orig: 8)
         shape = (c["width"], c["depth"], c.get("mlp_ratio", 4.0), c["patch_size"])
         c["num_heads"] = next((v[2] for n, v in VARIANTS.items()
@@ -268,9 +281,18 @@ def config_from_checkpoint(path: str, format: str = "auto", **overrides) -> ViTC
     return _infer(read(path, format), overrides)
 
 
+def config_from_source(src: Source, **overrides) -> ViTConfig:
+    """``config_from_checkpoint`` of a file already ``read``."""
+    return _infer(src, overrides)
+
+
 def model_from_checkpoint(path: str, format: str = "auto", **overrides) -> Tuple[ViT, LoadReport]:
     """Build the model a checkpoint describes (overrides applied, e.g. img_size=384) and load it."""
-    src = read(path, format)
+    return model_from_source(read(path, format), **overrides)
+
+
+def model_from_source(src: Source, **overrides) -> Tuple[ViT, LoadReport]:
+    """``model_from_checkpoint`` of a file already ``read`` (a file is read once)."""
     model = ViT(_infer(src, overrides))
     return model, _fit(model, src, strict_shapes=True)
 
@@ -279,8 +301,17 @@ def model_from_checkpoint(path: str, format: str = "auto", **overrides) -> Tuple
 # Writing
 # ---------------------------------------------------------------------------------------
 
-def save_checkpoint(model: ViT, path: str, format: str = "vit-accel") -> str:
-    """Write ``model`` in one of FORMATS (hf: a directory); returns the path written."""
+TIMM_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".tar")
+
+
+def save_checkpoint(model: ViT, path: str, format: str = "vit-accel", preprocess: Dict[str, Any] = None) -> str:
+    """Write ``model`` in one of FORMATS; returns the path written.
+
+    hf is a directory; timm is a directory (timm's config.json with ``label_names`` + weights) unless
+    ``path`` ends in a file suffix (.pth, .safetensors, ...: a bare state dict). ``preprocess``:
+    mean/std (0..1), interpolation and crop_pct for timm's pretrained config. Class names
+    (``model.cfg.class_names``) go where each format keeps them (classnames.py).
+    """
     from safetensors.torch import save_file
 
     path = os.fspath(path)
@@ -298,7 +329,13 @@ def save_checkpoint(model: ViT, path: str, format: str = "vit-accel") -> str:
                               % format)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    if format == "timm":
+    if format == "timm" and (os.path.isdir(path) or not path.lower().endswith(TIMM_FILE_SUFFIXES)):
+        why = timm_dir_refusal(cfg)
+        if why:
+            raise CheckpointError("timm's directory layout cannot describe %s; write a timm file instead (a DST "
+                                  "ending in .pth or .safetensors, which has no place for class names)" % why)
+        write_timm_dir(sd, cfg, path, preprocess)
+    elif format == "timm":
         if path.endswith(".safetensors"):
             save_file(sd, path, metadata={"format": "pt"})
         else:
@@ -306,7 +343,7 @@ def save_checkpoint(model: ViT, path: str, format: str = "vit-accel") -> str:
     elif format == "vit-accel":
         save_file(sd, path, metadata={"format": "vit-accel", "vit_config": json.dumps(cfg.to_dict())})
     elif format == "mmcls":
-        meta = {"converted_by": "vit-accel", "vit_config": cfg.to_dict()}
+        meta = dict(mmcls_meta(cfg.class_names), converted_by="vit-accel", vit_config=cfg.to_dict())
         torch.save({"meta": meta, "state_dict": rename(sd, MMCLS, to_timm=False)}, path)
     elif format == "npz":
         with open(path, "wb") as f:  # a file object: np.savez would otherwise append ".npz"
@@ -325,8 +362,7 @@ def save_checkpoint(model: ViT, path: str, format: str = "vit-accel") -> str:
             "pooler_output_size": cfg.representation_size or cfg.width, "vit_accel_config": cfg.to_dict(),
         }
         if with_head:
-            hf["id2label"] = {str(i): "LABEL_%d" % i for i in range(cfg.num_classes)}
-            hf["label2id"] = {"LABEL_%d" % i: i for i in range(cfg.num_classes)}
+            hf.update(hf_label_maps(cfg.class_names, cfg.num_classes))
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(hf, f, indent=2)
         save_file(timm_to_hf(sd, with_prefix=with_head), os.path.join(path, "model.safetensors"),
@@ -346,13 +382,28 @@ def _cli_error(cmd: str, e: Exception) -> int:
 def _convert(args) -> int:
     try:
         over = {"num_heads": args.num_heads} if args.num_heads else {}
-        model, rep = model_from_checkpoint(args.src, args.from_format, **over)
-        save_checkpoint(model, args.dst, args.to_format)
+        src = read(args.src, args.from_format)
+        model, rep = model_from_source(src, **over)
+        save_checkpoint(model, args.dst, args.to_format, preprocess=recipe_preprocess(src.hints.get("recipe")))
     except (CheckpointError, ValueError, TypeError, OSError) as e:
         return _cli_error("convert", e)
     print(rep)
-    print("wrote %s (format %s)" % (args.dst, args.to_format))
+    names = model.cfg.class_names
+    print("wrote %s (format %s; %s)" % (args.dst, args.to_format, "%d class names" % len(names) if names else
+                                        "no class names: the source has none" if model.cfg.num_classes else "no head"))
     return 0
+
+
+def recipe_preprocess(recipe: Any) -> Dict[str, Any]:
+    """timm's pretrained-config preprocessing of a training recipe (mean/std in 0..1), or {}."""
+    data = (recipe or {}).get("data") if isinstance(recipe, dict) else None
+    if not isinstance(data, dict) or "mean" not in data:
+        return {}
+    out = {"mean": [m / 255.0 for m in data["mean"]], "std": [s / 255.0 for s in data["std"]],
+           "interpolation": data.get("eval_interpolation") or data.get("interpolation", "bilinear")}
+    if data.get("eval_crop_fraction"):
+        out["crop_pct"] = data["eval_crop_fraction"]
+    return out
 
 
 def inspect_checkpoint(path: str, format: str = "auto", **overrides) -> Dict[str, Any]:
@@ -368,7 +419,7 @@ def inspect_checkpoint(path: str, format: str = "auto", **overrides) -> Dict[str
             "patch_size": cfg.patch_size, "hybrid_layers": list(cfg.hybrid_layers), "qk_scale": cfg.qk_scale,
             "width": cfg.width, "depth": cfg.depth, "num_heads": cfg.num_heads,
             "num_classes": cfg.num_classes, "representation_size": cfg.representation_size,
-            "layer_norm_eps": cfg.layer_norm_eps, "parameters": params}
+            "layer_norm_eps": cfg.layer_norm_eps, "parameters": params, "class_names": list(cfg.class_names)}
 
 
 def _inspect(args) -> int:
@@ -381,8 +432,16 @@ def _inspect(args) -> int:
         print(json.dumps(info, indent=2))
     else:
         for k, v in info.items():
-            print("%-20s %s" % (k, "{:,}".format(v) if k == "parameters" else v))
+            print("%-20s %s" % (k, "{:,}".format(v) if k == "parameters" else _shown_names(v) if k == "class_names"
+                                else v))
     return 0
+
+
+def _shown_names(names: List[str], limit: int = 20) -> str:
+    if not names:
+        return "none (outputs are shown as class 0, class 1, ...)"
+    more = " (+%d more; --json lists all)" % (len(names) - limit) if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -1,7 +1,9 @@
 """Reading checkpoint files of any supported kind into a timm-keyed state dict plus hints.
 
 Every failure to read becomes a ``CheckpointError`` naming the path and what was expected, never
-a raw traceback from deep inside torch, safetensors or numpy.
+a raw traceback from deep inside torch, safetensors or numpy. Every torch (pickle) file goes
+through ``load_torch`` and so through the strict unpickler of ``unpickle.py``; the full unpickler
+is reached only by ``load_plain(trust=True)`` (``train --trust-checkpoint``).
 Python 3.8 / torch 2.0 compatible.
 """
 from __future__ import annotations
@@ -10,16 +12,18 @@ import json
 import os
 import pickle
 import re
-import types
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from ..errors import InputError
+from .classnames import hf_names, payload_hints
 from .formats import DECODE, FORMATS, detect, hf_to_timm
 from .npz import npz_to_timm
+from .timm_dir import WEIGHT_FILES, timm_config, timm_hints, timm_weights
+from .unpickle import FOREIGN_OBJECTS, Refused, pickle_module
 
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -37,61 +41,11 @@ class Source:
     notes: List[str] = field(default_factory=list)
 
 
-class _Opaque:
-    """Stands in for a pickled object whose class we will not import (its code never runs)."""
-
-    def __init__(self, *args, **kwargs):
-        self.args = args
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-class _TolerantUnpickler(pickle.Unpickler):
-    """Rebuilds tensors and plain containers; every other class becomes an inert ``_Opaque``.
-
-    mmengine checkpoints pickle objects such as ``message_hub`` that torch's weights_only loader
-    refuses; importing their classes would run foreign code, so they are replaced instead.
-    """
-
-    _SAFE = {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-             ("builtins", "slice"), ("builtins", "complex"), ("_codecs", "encode"), ("torch", "Size"),
-             ("torch", "device"), ("torch._tensor", "_rebuild_from_type_v2"),
-             ("torch.nn.parameter", "Parameter"), ("numpy", "dtype"), ("numpy", "ndarray")}
-
-    def find_class(self, module, name):
-        if (module, name) in self._SAFE or (module == "torch._utils" and name.startswith("_rebuild")) or (
-                module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("_reconstruct", "scalar")):
-            try:
-                return super().find_class(module, name)
-            except (ImportError, AttributeError):
-                pass
-        kinds = (torch.dtype, torch.layout, torch.memory_format)
-        if module == "torch" and isinstance(getattr(torch, name, None), kinds):
-            return getattr(torch, name)
-        return type(name, (_Opaque,), {"__module__": "opaque." + module})
-
-
-# Modules whose functions a pickle names only to run code on loading (no checkpoint stores them as
-# data): a file that names one is refused outright rather than loaded with an inert stand-in.
-_CODE_MODULES = frozenset(("builtins", "__builtin__", "os", "posix", "nt", "subprocess", "sys", "shutil",
-                           "importlib", "runpy", "socket", "pickle", "_pickle", "code", "codeop", "ctypes",
-                           "pty", "webbrowser", "multiprocessing", "marshal", "types", "functools", "operator",
-                           "io", "_io", "tempfile", "platform", "signal", "urllib", "http", "asyncio"))
-
-
-def _tolerant_pickle(replaced: List[str]):
-    """A pickle module for torch.load whose unpickler records the globals it replaced."""
-
-    class Recording(_TolerantUnpickler):
-        def find_class(self, module, name):
-            found = super().find_class(module, name)
-            if isinstance(found, type) and issubclass(found, _Opaque):
-                replaced.append("%s.%s" % (module, name))
-            return found
-
-    return types.SimpleNamespace(Unpickler=Recording, load=lambda f, **kw: Recording(f, **kw).load(),
-                                 __name__="tolerant_pickle")
+# What a refusal tells a user to do with a file they trust; the flag exists for resuming only.
+_TRUSTED_ELSEWHERE = ("if you trust the file, load it in your own code (torch.load(path, weights_only=False)) and "
+                      "save its state dict with torch.save or safetensors, then pass that file")
+_TRUSTED_RESUME = ("a training checkpoint you wrote yourself with an older vit-accel resumes with --trust-checkpoint, "
+                   "which reads it with the full unpickler and so runs whatever code it names")
 
 
 def refused_global(e: Exception) -> str:
@@ -100,21 +54,67 @@ def refused_global(e: Exception) -> str:
     return m.group(1) if m else (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
-def load_plain(path: str, trust: bool = False) -> Any:
-    """A file of tensors and plain Python types (``torch.load(weights_only=True)``).
+def _container_refusal(path: str) -> Optional[str]:
+    """Why torch.load would run more than a pickle on this file (TorchScript, the old tar format), or None."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head[:4] == b"PK\x03\x04":
+        try:
+            records = torch._C.PyTorchFileReader(path).get_all_records()
+        except RuntimeError:
+            return None                    # not torch's zip: torch.load says what it is
+        if "constants.pkl" in records:      # how torch.load recognizes TorchScript (it then calls torch.jit.load)
+            return ("a TorchScript archive: loading one runs the code it holds; export its weights where you trust "
+                    "it (torch.jit.load(path).state_dict(), saved with torch.save or safetensors)")
+    elif head[257:262] == b"ustar":        # torch < 0.4's tar container, unpacked by torch.load
+        return "a torch file of the pre-0.4 tar format, which is not read here; re-save it with a current torch"
+    return None
 
-    Anything else is refused with the object named, before any of it is built. ``trust=True``
-    is the full unpickler, which runs whatever code the file names: for files the user wrote.
+
+def load_torch(path: str, standins: Iterable[Tuple[str, str]] = FOREIGN_OBJECTS,
+               replaced: Optional[List[str]] = None, map_location: Any = "cpu", hint: str = _TRUSTED_ELSEWHERE) -> Any:
+    """A torch file, its pickle read by the strict unpickler (``unpickle.py``): tensors, containers,
+    numpy arrays, scalars and dtypes, and inert stand-ins for the classes in ``standins`` (their
+    names are appended to ``replaced``). Anything else is refused before it is built, naming it;
+    nothing the file names is imported or run. Every reader of a user's torch file comes here.
     """
+    path = os.fspath(path)
+    why = _container_refusal(path)
+    if why:
+        raise CheckpointError("%s: refused: %s" % (path, why))
+    if os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0").lower() in ("1", "y", "yes", "true"):
+        try:  # torch then refuses any pickle_module; its own loader is stricter still (no numpy)
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError("%s: refused to unpickle %s (TORCH_FORCE_WEIGHTS_ONLY_LOAD is set; nothing was "
+                                  "run)" % (path, refused_global(e))) from None
+        except Exception as e:
+            raise _fail(path, "a PyTorch checkpoint", e) from e
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            "%s: refused to unpickle %s: the file holds objects besides tensors and plain types, and loading "
-            "them runs code the file names (nothing was run). A file written by an older vit-accel or another "
-            "program that you trust loads with --trust-checkpoint" % (path, refused_global(e))) from None
+        strict = pickle_module(standins, replaced)
+        return torch.load(path, map_location=map_location, weights_only=False, pickle_module=strict)
+    except Refused as e:
+        raise CheckpointError("%s: refused: its pickle asks for %s, which the checkpoint reader does not build "
+                              "(it builds tensors, containers, numpy arrays, scalars and dtypes, and inert stand-ins "
+                              "for the meta objects of mmengine, mmcv and timm files); nothing was imported or run. %s"
+                              % (path, e.what, hint[:1].upper() + hint[1:])) from None
     except Exception as e:
         raise _fail(path, "a PyTorch checkpoint", e) from e
+
+
+def load_plain(path: str, trust: bool = False) -> Any:
+    """A file vit-accel wrote (training checkpoints): the strict reader without stand-ins.
+
+    ``trust=True`` (``--trust-checkpoint``) is the full unpickler, which runs whatever code the
+    file names: for a file the user wrote.
+    """
+    path = os.fspath(path)
+    if trust:  # the one full unpickler in vit-accel, reached only through --trust-checkpoint
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=pickle)
+        except Exception as e:
+            raise _fail(path, "a PyTorch checkpoint", e) from e
+    return load_torch(path, standins=(), hint=_TRUSTED_RESUME)
 
 
 def _fail(path: str, expected: str, e: Exception) -> CheckpointError:
@@ -124,34 +124,9 @@ def _fail(path: str, expected: str, e: Exception) -> CheckpointError:
                            % (path, expected, type(e).__name__, ": " + msg if msg else ""))
 
 
-def _torch_load(path: str, replaced: Optional[List[str]] = None):
-    """Tensors and plain types; objects of other classes become inert stand-ins (names in ``replaced``).
-
-    A file naming a function that runs code (``os.system``, ``builtins.exec``...) is refused.
-    """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # objects besides tensors (mmengine), or no pickle at all
-        first = e
-    except Exception as e:
-        raise _fail(path, "a PyTorch checkpoint", e) from e
-    names: List[str] = []
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_tolerant_pickle(names))
-    except Exception as e:  # for garbage bytes the first complaint is the clearer one
-        raise _fail(path, "a PyTorch checkpoint", e if "eights only" in str(first) else first) from e
-    code = sorted(set(n for n in names if n.split(".")[0] in _CODE_MODULES))
-    if code:
-        raise CheckpointError("%s: refused: unpickling it would call %s (code, not data); nothing was run and "
-                              "no checkpoint stores such objects" % (path, ", ".join(code)))
-    if replaced is not None:
-        replaced.extend(sorted(set(names)))
-    return obj
-
-
 def load_untrusted(path: str) -> Any:
-    """What a torch file holds, read as ``read`` reads it: no code runs; a file naming code is refused."""
-    return _torch_load(os.fspath(path))
+    """What a torch file holds, read as ``read`` reads it (foreign meta objects become stand-ins)."""
+    return load_torch(os.fspath(path))
 
 
 def _safetensors_load(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
@@ -203,7 +178,7 @@ def _read_hf_dir(path: str) -> Source:
             raise _fail(weights, "a shard index with a weight_map", e) from e
     sd: Dict[str, torch.Tensor] = {}
     for fn in files:
-        sd.update(_safetensors_load(fn)[0] if fn.endswith(".safetensors") else _unwrap(_torch_load(fn), fn))
+        sd.update(_safetensors_load(fn)[0] if fn.endswith(".safetensors") else _unwrap(load_torch(fn), fn))
     src = Source(path, "hf", hf_to_timm(sd))
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
@@ -223,7 +198,20 @@ def _read_hf_dir(path: str) -> Source:
         src.notes.append("warning: HF hidden_act %r is not a GELU; vit-accel computes GELU" % act)
     if isinstance(hf.get("vit_accel_config"), dict):
         src.hints["vit_config"] = hf["vit_accel_config"]
+    names = hf_names(hf)
+    if names:
+        src.hints["class_names"] = names
     return src
+
+
+def _read_timm_dir(path: str, config: Dict[str, Any]) -> Source:
+    """timm's directory (config.json + weights, timm_dir.py): timm keys, hints from its config."""
+    weights = timm_weights(path)
+    if weights is None:
+        raise CheckpointError("%s: a timm directory (config.json names architecture %r) with no weights; expected "
+                              "one of %s" % (path, config.get("architecture"), ", ".join(WEIGHT_FILES)))
+    sd = _safetensors_load(weights)[0] if weights.endswith(".safetensors") else _unwrap(load_torch(weights), weights)
+    return Source(path, "timm", DECODE["timm"](sd), timm_hints(config))
 
 
 def _unwrap(obj, path: str) -> Dict[str, torch.Tensor]:
@@ -247,10 +235,11 @@ def read(path: str, format: str = "auto") -> Source:
     if not os.path.exists(path):
         raise CheckpointError("%s: no such file or directory" % path)
     if os.path.isdir(path):
-        if format not in ("auto", "hf"):
-            raise CheckpointError("%s: is a directory; only the 'hf' format is a directory, %r expects a file"
-                                  % (path, format))
-        return _read_hf_dir(path)
+        timm = timm_config(path)
+        if format not in ("auto", "timm" if timm else "hf"):
+            raise CheckpointError("%s: is a directory (%s's layout), %r expects a file"
+                                  % (path, "timm" if timm else "hf", format))
+        return _read_timm_dir(path, timm) if timm else _read_hf_dir(path)
     if os.path.getsize(path) == 0:
         raise CheckpointError("%s: the file is empty; expected a checkpoint (.pth/.bin/.safetensors/.npz)" % path)
     kind = _sniff(path)
@@ -284,7 +273,8 @@ def read(path: str, format: str = "auto") -> Source:
                 format = "vit-accel"
     else:
         replaced: List[str] = []
-        obj = _torch_load(path, replaced)
+        obj = load_torch(path, replaced=replaced)
+        hints.update(payload_hints(obj))  # class names and a training recipe, beside the tensors
         if isinstance(obj, dict) and obj.get("format") == "vit-accel-train" and replaced:
             raise CheckpointError("%s: refused: a vit-accel training checkpoint holds tensors and plain types "
                                   "only, this one pickles %s (not imported, nothing was run)"
@@ -297,7 +287,7 @@ def read(path: str, format: str = "auto") -> Source:
             hints["vit_config"] = obj["meta"]["vit_config"]  # an mmcls file that we wrote
         sd = _unwrap(obj, path)
         if replaced:
-            notes = ["objects of %s were not imported (their code did not run)" % ", ".join(replaced)]
+            notes = ["objects of %s were kept as inert data (their classes were not imported)" % ", ".join(replaced)]
     style = detect(sd)
     if format == "auto":
         if style is None:

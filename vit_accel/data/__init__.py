@@ -18,9 +18,10 @@ from .digits import ensure_digits
 from .eval_loader import EvalLoader
 from .loader import TrainLoader
 from .make_shards import add_make_shards_parser
-from .reader import DataError, ResumeMismatch, ShardList, resolve_shards
+from .reader import DataError, ResumeMismatch, ShardList
 from .samples import BAD_SAMPLE_GRACE, BadSampleStats, too_many_bad
 from .shards import ShardError, read_manifest, verify_manifest, write_shards
+from .specs import resolve_shards
 from .sources import build_eval_loader, build_train_loader, shard_spec, shard_specs
 from .transforms import normalize
 

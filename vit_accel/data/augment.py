@@ -1,6 +1,6 @@
 """Training augmentations with each source's semantics, from the libraries its users use.
 
-    data.auto_augment: "imagenet"   ClassyVision's ImageNet AutoAugment -> torchvision.transforms.v2.AutoAugment
+    data.auto_augment: "imagenet"   ClassyVision's ImageNet AutoAugment -> classy_autoaugment.py (exact)
     data.rand_augment: "rand-..."   timm's RandAugment string (mmpretrain's "timm_increasing" is
                                     "rand-m9-mstd0.5-inc1") -> timm.data.rand_augment_transform
     data.random_erasing: p          mmpretrain's RandomErasing (mode 'rand'), on the uint8 crop
@@ -8,10 +8,14 @@
 
 Per-sample augmentations run in the loader workers on the uint8 crop, after RandomResizedCrop
 and flip (the order of every source). Their randomness comes only from the per-sample
-`random.Random` the loader seeds from (seed, epoch, reader, position): the libraries draw from
-the process-global python/numpy/torch generators, so `seeded_global_rngs` seeds those from the
-sample's rng around the call and restores them after. A resumed run draws the same
-augmentations; the caller's global RNG state is left as it was.
+`random.Random` the loader seeds from (seed, epoch, reader, position). The libraries draw from
+process-global generators; each policy seeds only the ones its library uses, from one draw of the
+sample's rng, and restores them after: torchvision's AutoAugment draws from torch's (a few
+microseconds to save and restore), timm's RandAugment picks its ops with numpy's global
+`choice` (done here with a private generator seeded the same way: saving numpy's global state
+costs ~110 us) and draws magnitudes from python's. The draws are the library's under
+`seeded_global_rngs(seed)`, so a resumed run draws the same augmentations and the caller's
+global RNG state is left as it was.
 
 torchvision and timm are imported only when a recipe asks for them (`pip install
 'vit-accel[timm]'`); the IPU host (Python 3.8, torch 2.0.1) imports this module without them.
@@ -27,6 +31,8 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .batches import check_decode_place
+from .fastpath import chw_to_pil, pil_into_chw
 from .reader import DataError
 
 AUTO_AUGMENT_POLICIES = ("", "imagenet")
@@ -62,11 +68,17 @@ def parse_rand_augment(spec: str) -> Dict[str, Any]:
     return out
 
 
-def check_augment_settings(d: Any) -> None:
-    """Validate a data section's augmentation keys; ValueError with the key and the valid values."""
-    if d.auto_augment not in AUTO_AUGMENT_POLICIES:
-        raise ValueError("data.auto_augment: %r is not one of %s" % (d.auto_augment, ", ".join(
+def check_auto_augment(name: str) -> None:
+    """ValueError unless `name` is a data.auto_augment policy this package has."""
+    if name not in AUTO_AUGMENT_POLICIES:
+        raise ValueError("data.auto_augment: %r is not one of %s" % (name, ", ".join(
             repr(p) for p in AUTO_AUGMENT_POLICIES)))
+
+
+def check_augment_settings(d: Any) -> None:
+    """Validate a data section's augmentation keys (and data.decode against them); ValueError
+    with the key and the valid values."""
+    check_auto_augment(d.auto_augment)
     if d.rand_augment:
         parse_rand_augment(d.rand_augment)
         if d.auto_augment:
@@ -78,6 +90,8 @@ def check_augment_settings(d: Any) -> None:
     for key in ("mixup", "cutmix"):
         if getattr(d, key) < 0:
             raise ValueError("data.%s is a Beta alpha, >= 0 (0 = off), got %r" % (key, getattr(d, key)))
+    check_decode_place(getattr(d, "decode", "cpu"), ["data.%s" % k for k in ("auto_augment", "rand_augment",
+                                                                              "random_erasing") if getattr(d, k)])
 
 
 def _import(module: str, key: str, value: Any) -> Any:
@@ -116,26 +130,54 @@ def random_erase(arr: np.ndarray, rng: random.Random, prob: float, fill_mean: Se
     aspect (h/w) in `aspect`, sides rounded and clamped to the image, top-left uniform over
     the positions that fit (the last row/column excluded, as numpy's randint draws), filled with
     per-pixel N(mean, std) truncated toward zero and clipped to 0..255. One try, no retries.
-    Draws: the switch, the aspect, the area, top, left from `rng`, then the fill from a numpy
-    generator seeded by `rng`. Returns `arr` itself when nothing is erased, else a copy.
+    Draws: the switch, the aspect, the area, top, left from `rng`, then the fill (float32 standard
+    normals, scaled) from a numpy generator seeded by `rng`. Returns `arr` itself when nothing is
+    erased, else a copy.
     """
-    if rng.random() >= prob:  # mmpretrain disables when rand() > prob
+    box = _erase_box(arr.shape[0], arr.shape[1], rng, prob, area, aspect)
+    if box is None:
         return arr
-    img_h, img_w = arr.shape[:2]
+    top, left, h, w = box
+    out = np.array(arr, copy=True)
+    out[top:top + h, left:left + w] = _erase_fill(h, w, arr.shape[2], rng, fill_mean, fill_std)
+    return out
+
+
+def random_erase_chw(arr: np.ndarray, rng: random.Random, prob: float, fill_mean: Sequence[float],
+                     fill_std: Sequence[float]) -> None:
+    """`random_erase` in place on a uint8 [C, H, W] array: the same draws, the same pixels."""
+    box = _erase_box(arr.shape[1], arr.shape[2], rng, prob, ERASE_AREA, ERASE_ASPECT)
+    if box is not None:
+        top, left, h, w = box
+        arr[:, top:top + h, left:left + w] = _erase_fill(h, w, arr.shape[0], rng, fill_mean, fill_std).transpose(2, 0, 1)
+
+
+def _erase_box(img_h: int, img_w: int, rng: random.Random, prob: float, area: Sequence[float],
+               aspect: Sequence[float]) -> Optional[Tuple[int, int, int, int]]:
+    """(top, left, h, w) of the rectangle to erase, or None (mmpretrain disables when rand() > prob)."""
+    if rng.random() >= prob:
+        return None
     aspect_ratio = math.exp(rng.uniform(math.log(aspect[0]), math.log(aspect[1])))
     target = img_h * img_w * rng.uniform(area[0], area[1])
     h = min(int(round(math.sqrt(target * aspect_ratio))), img_h)
     w = min(int(round(math.sqrt(target / aspect_ratio))), img_w)
     top = rng.randrange(0, img_h - h) if img_h > h else 0
     left = rng.randrange(0, img_w - w) if img_w > w else 0
-    noise = np.random.default_rng(rng.getrandbits(64)).normal(fill_mean, fill_std, (h, w, arr.shape[2]))
-    out = np.array(arr, copy=True)
-    out[top:top + h, left:left + w] = np.clip(noise.astype(np.int32), 0, 255).astype(np.uint8)
-    return out
+    return top, left, h, w
+
+
+def _erase_fill(h: int, w: int, channels: int, rng: random.Random, mean: Sequence[float],
+                std: Sequence[float]) -> np.ndarray:
+    """uint8 [h, w, channels]: N(mean, std) per pixel, truncated toward zero, clipped to 0..255."""
+    # float32 normals (half the cost of float64 ones); the fill is whole levels either way
+    noise = np.random.default_rng(rng.getrandbits(64)).standard_normal((h, w, channels), dtype=np.float32)
+    noise *= np.asarray(std, dtype=np.float32)
+    noise += np.asarray(mean, dtype=np.float32)
+    return np.clip(noise.astype(np.int32), 0, 255).astype(np.uint8)
 
 
 class SampleAugment:
-    """The per-sample augmentations of a recipe: PIL crop + per-sample rng -> uint8 HWC array.
+    """The per-sample augmentations of a recipe: crop (PIL or uint8 HWC) + per-sample rng -> uint8 HWC.
 
     Built from plain values so a spawned worker can build its own; building imports the library
     (so a missing one fails in the main process, before any worker starts).
@@ -144,34 +186,83 @@ class SampleAugment:
     def __init__(self, auto_augment: str = "", rand_augment: str = "", random_erasing: float = 0.0,
                  mean: Sequence[float] = (127.5, 127.5, 127.5), std: Sequence[float] = (127.5, 127.5, 127.5),
                  interpolation: str = "bilinear", img_size: int = 224):
+        check_auto_augment(auto_augment)
         self.random_erasing, self.mean, self.std = float(random_erasing), list(mean), list(std)
-        self.policy = None  # type: Any
-        if auto_augment == "imagenet":
+        self.policy = None  # type: Any  # the library's transform
+        self._apply = None  # type: Any  # (image, seed) -> image: the policy under its library's seeded RNGs
+        if auto_augment:
             self.policy = imagenet_auto_augment()
-        elif auto_augment:
-            raise ValueError("data.auto_augment: %r is not one of %s" % (auto_augment, AUTO_AUGMENT_POLICIES))
+            self._apply = _python_seeded(self.policy)
         elif rand_augment:
             self.policy = timm_rand_augment(rand_augment, mean, interpolation, img_size)
+            self._apply = _TimmRandAugment(self.policy)
 
     @property
     def enabled(self) -> bool:
         return self.policy is not None or self.random_erasing > 0
 
     def __call__(self, img: Any, rng: random.Random) -> np.ndarray:
-        if self.policy is not None:
-            with seeded_global_rngs(rng.getrandbits(63)):
-                img = self.policy(img)
+        if self._apply is not None:
+            from PIL import Image
+
+            img = self._apply(img if isinstance(img, Image.Image) else Image.fromarray(img), rng.getrandbits(63))
         arr = np.asarray(img)
         if self.random_erasing > 0:
             arr = random_erase(arr, rng, self.random_erasing, self.mean, self.std)
         return arr
 
+    def into(self, crop: torch.Tensor, rng: random.Random, out: torch.Tensor) -> None:
+        """`__call__` from a uint8 [3, H, W] tensor into `out` (uint8 [3, H, W]): the same draws and
+        pixels, with the channel planes handed to PIL and back without interleaving copies."""
+        if self._apply is not None:
+            pil_into_chw(self._apply(chw_to_pil(crop), rng.getrandbits(63)), out)
+        else:
+            out.copy_(crop)
+        if self.random_erasing > 0:
+            random_erase_chw(out.numpy(), rng, self.random_erasing, self.mean, self.std)
+
+
+def _python_seeded(transform: Any) -> Any:
+    """transform(img, seed): `transform` drawing from python's global generator seeded with `seed`
+    (ClassyVision's AutoAugment draws only from it), restored after."""
+
+    def apply(img: Any, seed: int) -> Any:
+        state = random.getstate()
+        random.seed(seed)
+        try:
+            return transform(img)
+        finally:
+            random.setstate(state)
+
+    return apply
+
+
+class _TimmRandAugment:
+    """timm's RandAugment.__call__ with its op choice drawn from a private numpy generator seeded as
+    `seeded_global_rngs` seeds numpy's global one (same draws), and its ops (timm's AugmentOp
+    objects, which draw from python's global generator) under python's seeded generator."""
+
+    def __init__(self, ra: Any):
+        self.ra, self.choice_rng = ra, np.random.RandomState(0)
+
+    def __call__(self, img: Any, seed: int) -> Any:
+        ra = self.ra
+        self.choice_rng.seed(seed % (2 ** 32))
+        ops = self.choice_rng.choice(ra.ops, ra.num_layers, replace=ra.choice_weights is None, p=ra.choice_weights)
+        state = random.getstate()
+        random.seed(seed)
+        try:
+            for op in ops:
+                img = op(img)
+        finally:
+            random.setstate(state)
+        return img
+
 
 def imagenet_auto_augment() -> Any:
-    """torchvision's AutoAugment(IMAGENET) with ClassyVision's gray fill (draws: torch's global RNG)."""
-    v2 = _import("torchvision.transforms.v2", "data.auto_augment", "imagenet")
-    return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=v2.InterpolationMode.NEAREST,
-                          fill=CLASSYVISION_FILL)
+    """ClassyVision's ImageNet AutoAugment, reproduced in classy_autoaugment.py (draws: python's global RNG)."""
+    from .classy_autoaugment import ImagenetAutoAugment
+    return ImagenetAutoAugment(CLASSYVISION_FILL)
 
 
 def timm_rand_augment(spec: str, mean: Sequence[float], interpolation: str = "bilinear", img_size: int = 224) -> Any:
@@ -187,11 +278,11 @@ def timm_rand_augment(spec: str, mean: Sequence[float], interpolation: str = "bi
     ra = aa.rand_augment_transform(spec, hparams)
     for op in ra.ops:
         if op.name.startswith("Posterize"):
-            op.aug_fn = _posterize_keeping_zero_bits(op.aug_fn)
+            op.aug_fn = posterize_keeping_zero_bits(op.aug_fn)
     return ra
 
 
-def _posterize_keeping_zero_bits(posterize: Any) -> Any:
+def posterize_keeping_zero_bits(posterize: Any) -> Any:
     """timm's posterize, except that keeping 0 bits gives a black image as mmcv and older Pillow do:
     recent Pillow (13.0) refuses bits=0, which timm's increasing posterize reaches at magnitude 10."""
 

@@ -1,64 +1,61 @@
-"""`vit-accel bench-data`: images/s of the shard loader against a plain ImageFolder + PIL loader.
+"""`vit-accel bench-data`: our input pipelines against torchvision's and timm's own, per CPU-second.
 
-Both sides run the same train transform (RandomResizedCrop + flip to uint8) with the same
-number of DataLoader workers and batch size over the same number of images; the baseline
-is the usual torch Dataset that opens each file with PIL. With --images DIR the baseline
-reads that ImageFolder (e.g. the originals the shards were made from, so the gain of
-make-shards --resize shows); without it the shards are extracted to a temporary
-ImageFolder first (then the ratio is the reader's own gain).
+One run times, per worker count, each of our pipelines and its baseline (the library's own
+objects, `bench_baselines.py`) over the same images with the same workers and batch, each pair
+alternating `--repeat` times (best run kept: a shared machine only ever slows a run):
 
-    vit-accel bench-data --shards out/train.json --images originals/ --workers 1 2
+    train           RandomResizedCrop + flip, uint8           vs torchvision ImageFolder + v2
+    train-vs-timm   (the same run of ours)                    vs timm's create_transform(is_training=True)
+    rand-augment    + RandAugment rand-m9-mstd0.5-inc1 + erasing 0.25, bicubic   vs timm's
+    auto-augment    + AutoAugment imagenet                    vs torchvision + v2.AutoAugment
+    eval            resize 256 + center crop 224              vs torchvision Resize + CenterCrop
+    gpu-decode      data.decode=gpu (host: headers + boxes)   vs ours with data.decode=cpu (CUDA only)
 
-With --rand-augment / --auto-augment / --random-erasing the same run also times the shard
-loader with those per-sample augmentations over the same images (the recipe's pipeline
-against the plain one), alternating with the others.
+Images per CPU-second (the CPU time of the loader's process and its workers, from the first batch
+on) is the rate one core sustains, and holds on a loaded machine where images/s does not. The input is `--corpus N`
+ImageNet-like photos (`corpus.py`, written once to `--corpus-dir` or a temporary folder, then
+sharded), an ImageFolder (`--images`), or shards (`--shards`, extracted for the baselines).
+
+    vit-accel bench-data --corpus 1000 --workers 0 1 2 --repeat 2 --json bench-data.json
 
 Python 3.8 compatible.
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import json
+import math
 import os
-import random
 import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-
+from .bench_baselines import BASELINES, baseline_loader
+from .eval_loader import EvalLoader
 from .loader import TrainLoader
-from .reader import DataError, iter_records, resolve_shards
-from .shards import IMAGE_EXTENSIONS, ShardError
-from .transforms import random_resized_crop_box, resample_filter
+from .reader import DataError, iter_records
+from .shards import ShardError, list_imagefolder, write_shards
+from .specs import resolve_shards
+from .transforms import DECODERS
 
-
-class ImageFolderBaseline(Dataset):
-    """The reference point: one PIL open + full decode per file, then the same transform."""
-
-    def __init__(self, root: str, img_size: int, interpolation: str = "bilinear"):
-        classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        self.files = [(os.path.join(root, c, n), i) for i, c in enumerate(classes)
-                      for n in sorted(os.listdir(os.path.join(root, c))) if n.lower().endswith(IMAGE_EXTENSIONS)]
-        if not self.files:
-            raise DataError("no images in class folders under %s" % root)
-        self.img_size, self.resample = img_size, resample_filter(interpolation)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
-        path, label = self.files[i]
-        img = Image.open(path).convert("RGB")
-        left, top, w, h = random_resized_crop_box(img.width, img.height, (0.08, 1.0), (0.75, 4 / 3), random)
-        img = img.resize((self.img_size, self.img_size), self.resample, box=(left, top, left + w, top + h))
-        if random.random() < 0.5:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), label
+RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
+IMAGENET_MEAN, IMAGENET_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+# pipeline -> (what ours runs, the baseline it is measured against)
+PIPELINES = {
+    "train": ("RandomResizedCrop + flip, bilinear, uint8", "torchvision"),
+    "train-vs-timm": ("the same loader as train (one measurement)", "timm"),
+    "rand-augment": ("+ RandAugment %s + random erasing 0.25, bicubic" % RAND_AUGMENT, "timm-rand-augment"),
+    "auto-augment": ("+ AutoAugment imagenet, bilinear", "torchvision-auto-augment"),
+    "eval": ("resize shorter side to img_size / 0.875 + center crop, bilinear", "torchvision-eval"),
+    "gpu-decode": ("data.decode=gpu: JPEG bytes, boxes and flips to the device; decode, crop, flip there",
+                   "ours-cpu-decode"),
+}
+CPU_DECODE = "our train loader, data.decode=cpu (the train row's)"
+ROW_KEYS = ("pipeline", "workers", "images_per_second", "images_per_cpu_second", "baseline",
+            "baseline_images_per_second", "baseline_images_per_cpu_second")
 
 
 def extract_to_folder(spec: str, out: str) -> int:
@@ -78,139 +75,257 @@ def extract_to_folder(spec: str, out: str) -> int:
     return n
 
 
-def _cpu_seconds() -> float:
-    """CPU time of this process plus its reaped children (the DataLoader workers, once joined)."""
+def _cpu_seconds(self: bool = True, children: bool = True) -> float:
+    """CPU time of this process and/or its reaped children (the DataLoader workers, once joined)."""
     try:
         import resource
-    except ImportError:  # not on Unix: wall time only
+    except ImportError:  # not on Unix: no CPU time
         return float("nan")
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    total = 0.0
+    for who, wanted in ((resource.RUSAGE_SELF, self), (resource.RUSAGE_CHILDREN, children)):
+        if wanted:
+            usage = resource.getrusage(who)
+            total += usage.ru_utime + usage.ru_stime
+    return total
 
 
-def _rate(batches: Any, count: int) -> Tuple[float, float]:
-    """(images per wall second, images per CPU second) for the first `count` images."""
-    cpu0, start = _cpu_seconds(), time.perf_counter()
-    it = iter(batches)
-    seen = 0
-    for images, _ in it:
-        seen += images.shape[0]
-        if seen >= count:
-            break
-    wall = time.perf_counter() - start
-    if hasattr(it, "close"):
-        it.close()  # our loader is a generator: closing it shuts its workers down now
-    del it  # joins the DataLoader workers, so their CPU time is counted
-    return seen / wall, seen / max(_cpu_seconds() - cpu0, 1e-9)
+def tree_cpu_seconds() -> Optional[float]:
+    """CPU seconds so far of this process and its live descendants (Linux /proc), None elsewhere."""
+    if not os.path.isdir("/proc/self"):
+        return None
+    ticks = float(os.sysconf("SC_CLK_TCK"))
+    parent, cpu = {}, {}  # type: Dict[int, int], Dict[int, int]
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                text = f.read()
+        except OSError:  # gone meanwhile
+            continue
+        fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid ... utime stime
+        parent[int(name)], cpu[int(name)] = int(fields[1]), int(fields[11]) + int(fields[12])
+    tree, todo = set(), [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        tree.add(pid)
+        todo.extend(p for p, pp in parent.items() if pp == pid and p not in tree)
+    return sum(cpu.get(p, 0) for p in tree) / ticks
 
 
 Rate = Tuple[float, float]
+
+
+def _rate(make: Callable[[], Any], count: int) -> Rate:
+    """(images per wall second, images per CPU second) over `count` images of a fresh loader.
+
+    Timed from its first batch on: worker start-up is a per-epoch cost, which an ImageNet epoch
+    spreads over thousands of batches and this short run would not. Where /proc is missing,
+    everything from the start counts (this process and its joined workers)."""
+    import gc
+
+    loader = make()
+    it = iter(loader)
+    next(it)
+    tree0, cpu0, start = tree_cpu_seconds(), _cpu_seconds(), time.perf_counter()
+    seen = 0
+    for batch in it:
+        seen += batch[0].shape[0]
+        if seen >= count:
+            break
+    wall = time.perf_counter() - start
+    tree1, own = tree_cpu_seconds(), _cpu_seconds(children=False)
+    if hasattr(it, "close"):
+        it.close()  # our loader is a generator: closing it shuts its workers down now
+    del it, loader
+    gc.collect()  # joins the DataLoader workers (their CPU time counts where /proc is missing)
+    cpu = tree1 - tree0 if tree0 is not None and tree1 is not None else own + _cpu_seconds(self=False) - cpu0
+    return seen / wall, seen / max(cpu, 1e-9)
 
 
 def _best(a: Rate, b: Rate) -> Rate:
     return max(a[0], b[0]), max(a[1], b[1])
 
 
-def run_bench(shards: str, images: str, workers: List[int], batch_size: int, img_size: int,
-              decoder: str, repeat: int = 1, augment: Optional[Dict[str, Any]] = None,
-              interpolation: str = "bilinear") -> List[Tuple[int, Rate, Rate, Optional[Rate]]]:
-    """-> [(workers, ours, baseline, augmented or None)], each (images/s, images per CPU-second).
-    Every loader times the same image count, alternating `repeat` times; the best run of each
-    is kept (a shared machine only ever slows a run). Images per CPU-second is the per-worker
-    efficiency and does not depend on how many cores other processes take. `augment`: the
-    TrainLoader keywords (auto_augment, rand_augment, random_erasing, mean, std) of the
-    augmented loader."""
-    tmp = None
-    try:
+def _ours(pipeline: str, shards: str, img_size: int, batch_size: int, workers: int, decoder: str,
+          device: str) -> Callable[[], Any]:
+    """A factory of our loader for `pipeline` (a fresh one per timed run: each starts at batch 0)."""
+    def train(**kw: Any) -> Callable[[], Any]:
+        return lambda: TrainLoader(resolve_shards(shards), img_size, batch_size, seed=0, workers=workers,
+                                   decoder=decoder, **kw)
+
+    if pipeline in ("train", "train-vs-timm"):
+        return train()
+    if pipeline == "rand-augment":
+        return train(interpolation="bicubic", rand_augment=RAND_AUGMENT, random_erasing=0.25, mean=IMAGENET_MEAN,
+                     std=IMAGENET_STD)
+    if pipeline == "auto-augment":
+        return train(auto_augment="imagenet")
+    if pipeline == "gpu-decode":
+        return train(decode="gpu", decode_device=device)
+    return lambda: EvalLoader(resolve_shards(shards), img_size, batch_size, workers=workers,
+                              resize=eval_resize(img_size), decoder=decoder)
+
+
+def eval_resize(img_size: int) -> int:
+    """The shorter side before the center crop: img_size / 0.875 (256 at 224), torchvision's recipe."""
+    return int(math.floor(img_size / 0.875))
+
+
+def _count(shards: str, images: str, batch_size: int, workers: int) -> int:
+    """Images to time after the first batch: a batch short of the smaller epoch (no side reaches its end)."""
+    ours = TrainLoader(resolve_shards(shards), 8, batch_size, seed=0, workers=workers).batches_per_epoch
+    theirs = len(list_imagefolder(images)[0]) // batch_size
+    batches = min(ours, theirs) - 2
+    if batches < 1:
+        raise DataError("too few images to time: %d batches of %d per epoch with %d worker(s); use more images "
+                        "(--corpus N) or a smaller --batch-size" % (min(ours, theirs), batch_size, workers))
+    return batches * batch_size
+
+
+def run_bench(shards: str, images: str, workers: List[int], batch_size: int, img_size: int, pipelines: List[str],
+              repeat: int = 1, decoder: str = "auto", device: str = "cuda",
+              log: Callable[[str], None] = lambda m: None) -> List[Dict[str, Any]]:
+    """One row (ROW_KEYS) per pipeline x workers; best of `repeat` alternating runs of each side."""
+    rows = []  # type: List[Dict[str, Any]]
+    for n in workers:
+        count = _count(shards, images, batch_size, n)
+        sides = {}  # type: Dict[str, Callable[[], Any]]  # each loader once, even when two rows share it
+        for p in pipelines:
+            ours, base = _sides(p)
+            sides.setdefault(ours, _ours(ours[5:], shards, img_size, batch_size, n, decoder, device))
+            if base == "ours:train":
+                sides.setdefault(base, _ours("train", shards, img_size, batch_size, n, decoder, device))
+            else:
+                sides.setdefault(base, functools.partial(baseline_loader, base[5:], images, img_size, batch_size, n,
+                                                         eval_resize(img_size)))
+        best = {k: (0.0, 0.0) for k in sides}  # type: Dict[str, Rate]
+        for r in range(max(repeat, 1)):
+            for key, make in sides.items():
+                rate = _rate(make, count)
+                best[key] = _best(best[key], rate)
+                log("workers %d, run %d: %-30s %8.1f img/s %8.1f img/cpu-s" % (n, r + 1, key, rate[0], rate[1]))
+        for p in pipelines:
+            ours, base = _sides(p)
+            rows.append(dict(zip(ROW_KEYS, (p, n, round(best[ours][0], 1), round(best[ours][1], 1), PIPELINES[p][1],
+                                            round(best[base][0], 1), round(best[base][1], 1)))))
+    return rows
+
+
+def _sides(pipeline: str) -> Tuple[str, str]:
+    """The keys of the two loaders a pipeline's row compares ("ours:NAME", "base:NAME" or "ours:train")."""
+    ours = "ours:train" if pipeline == "train-vs-timm" else "ours:" + pipeline
+    return ours, "ours:train" if pipeline == "gpu-decode" else "base:" + PIPELINES[pipeline][1]
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def _prepare(args: argparse.Namespace, tmp: str, log: Callable[[str], None]) -> Tuple[str, str, str]:
+    """(shard spec, ImageFolder root, a description of the images) from --corpus / --images / --shards."""
+    images, shards = args.images, args.shards
+    what = ""
+    if args.corpus:
+        from .corpus import write_photo_corpus
+
+        images = args.corpus_dir or os.path.join(tmp, "photos")
+        if not (os.path.isdir(images) and len(list_imagefolder(images)[0]) == args.corpus):
+            if os.path.isdir(images) and os.listdir(images):
+                raise DataError("--corpus-dir %s holds other files than a corpus of %d: give an empty or new folder"
+                                % (images, args.corpus))
+            log("writing %d corpus photos to %s" % (args.corpus, images))
+            write_photo_corpus(images, args.corpus)
+        what = "photo corpus"
+    if not shards:
         if not images:
-            tmp = tempfile.mkdtemp(prefix="vit-accel-bench-")
-            extract_to_folder(shards, tmp)
-            images = tmp
-        baseline = ImageFolderBaseline(images, img_size, interpolation)
-        rows = []  # type: List[Tuple[int, Rate, Rate, Optional[Rate]]]
-        for n in workers:
-            ours = TrainLoader(resolve_shards(shards), img_size, batch_size, seed=0, workers=n, decoder=decoder,
-                               interpolation=interpolation)
-            augmented = TrainLoader(resolve_shards(shards), img_size, batch_size, seed=0, workers=n, decoder=decoder,
-                                    interpolation=interpolation, **augment) if augment else None
-            count = min(ours.batches_per_epoch, len(baseline) // batch_size) * batch_size
-            if count == 0:
-                raise DataError("fewer than one batch (%d) of images to time" % batch_size)
-            plain = DataLoader(baseline, batch_size=batch_size, shuffle=True, num_workers=n, drop_last=True)
-            best_ours, best_plain, best_aug = (0.0, 0.0), (0.0, 0.0), (0.0, 0.0)
-            for _ in range(max(repeat, 1)):
-                best_ours = _best(best_ours, _rate(ours, count))
-                best_plain = _best(best_plain, _rate(plain, count))
-                if augmented is not None:
-                    best_aug = _best(best_aug, _rate(augmented, count))
-            rows.append((n, best_ours, best_plain, best_aug if augmented is not None else None))
-        return rows
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _augment_options(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
-    """The augmented loader's settings from the command line (None: no augmentation asked for)."""
-    if not (args.auto_augment or args.rand_augment or args.random_erasing > 0):
-        return None
-    from types import SimpleNamespace
-
-    from .augment import check_augment_settings
-
-    check_augment_settings(SimpleNamespace(auto_augment=args.auto_augment, rand_augment=args.rand_augment,
-                                           random_erasing=args.random_erasing, mixup=0.0, cutmix=0.0,
-                                           mix_prob=1.0, mix_switch_prob=0.5))
-    return dict(auto_augment=args.auto_augment, rand_augment=args.rand_augment,
-                random_erasing=args.random_erasing, mean=args.mean, std=args.std)
+            raise DataError("give --corpus N, --images DIR or --shards SPEC")
+        samples, classes = list_imagefolder(images)
+        per_shard = max(1, -(-len(samples) // max(8, max(args.workers))))
+        write_shards(samples, os.path.join(tmp, "shards"), "train", classes, samples_per_shard=per_shard,
+                     workers=1, verify=False, log=lambda m: None)
+        shards = os.path.join(tmp, "shards", "train.json")
+    elif not images:
+        images = os.path.join(tmp, "extracted")
+        extract_to_folder(shards, images)
+        what = what or "the shards' images"
+    files = [s.path for s in list_imagefolder(images)[0]]
+    sizes = [os.path.getsize(f) for f in files]
+    return shards, images, "%d %s (%s), mean %.0f KB" % (len(files), what or "images", images,
+                                                         sum(sizes) / max(len(sizes), 1) / 1024)
 
 
 def _bench_main(args: argparse.Namespace) -> int:
+    def log(msg: str) -> None:
+        if args.verbose:
+            print(msg, file=sys.stderr, flush=True)
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # workers=0 too runs one intra-op thread per loader, as DataLoader workers do
+    tmp = tempfile.mkdtemp(prefix="vit-accel-bench-")
     try:
-        augment = _augment_options(args)
-        rows = run_bench(args.shards, args.images, args.workers, args.batch_size, args.img_size, args.decoder,
-                         args.repeat, augment, args.interpolation)
+        pipelines = _pipelines(args.pipelines, args.device)
+        load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        shards, images, described = _prepare(args, tmp, log)
+        rows = run_bench(shards, images, args.workers, args.batch_size, args.img_size, pipelines, args.repeat,
+                         args.decoder, args.device, log)
+        load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     except (DataError, ShardError, OSError, ValueError) as e:
         print("bench-data: error: %s" % e, file=sys.stderr)
         return 2
-    print("bench-data: batch %d, %dpx, RandomResizedCrop+flip (%s), decoder %s, best of %d; baseline: %s"
-          % (args.batch_size, args.img_size, args.interpolation, args.decoder, max(args.repeat, 1),
-             args.images or "shards extracted to an ImageFolder"))
-    if augment:
-        print("augmented: shards + %s" % ", ".join("%s=%s" % (k, v) for k, v in augment.items()
-                                                   if v and k in ("auto_augment", "rand_augment", "random_erasing")))
-    print("%8s %13s %13s %7s   %17s %17s %7s" % ("workers", "shards img/s", "folder img/s", "ratio",
-                                                  "shards img/cpu-s", "folder img/cpu-s", "ratio")
-          + ("   %15s %19s %9s" % ("augmented img/s", "augmented img/cpu-s", "aug/plain") if augment else ""))
-    for n, ours, plain, aug in rows:
-        line = "%8d %13.1f %13.1f %6.2fx   %17.1f %17.1f %6.2fx" % (
-            n, ours[0], plain[0], ours[0] / plain[0], ours[1], plain[1], ours[1] / plain[1])
-        if aug is not None:
-            line += "   %15.1f %19.1f %8.2fx" % (aug[0], aug[1], aug[1] / ours[1])
-        print(line)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        torch.set_num_threads(threads)
+    print("bench-data: %s; batch %d, %d px, best of %d; load average %.1f -> %.1f on %d cores"
+          % (described, args.batch_size, args.img_size, max(args.repeat, 1), load0, load1, os.cpu_count() or 0))
+    print("%7s %-14s %11s %14s %15s %18s %8s" % ("workers", "pipeline", "ours img/s", "ours img/cpu-s",
+                                                 "baseline img/s", "baseline img/cpu-s", "ratio"))
+    for r in rows:
+        print("%7d %-14s %11.1f %14.1f %15.1f %18.1f %7.2fx"
+              % (r["workers"], r["pipeline"], r["images_per_second"], r["images_per_cpu_second"],
+                 r["baseline_images_per_second"], r["baseline_images_per_cpu_second"],
+                 r["images_per_cpu_second"] / max(r["baseline_images_per_cpu_second"], 1e-9)))
+    print("ratio: images per CPU-second, ours / baseline. Pipelines:")
+    for p in pipelines:
+        ours, base = PIPELINES[p]
+        print("  %-14s ours: %s\n  %-14s baseline (%s): %s" % (p, ours, "", base, BASELINES.get(base, CPU_DECODE)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
     return 0
+
+
+def _pipelines(names: List[str], device: str) -> List[str]:
+    """The pipelines to run: as named, or all of them (gpu-decode only where the device exists)."""
+    if names:
+        unknown = [p for p in names if p not in PIPELINES]
+        if unknown:
+            raise ValueError("unknown pipeline(s) %s; choose from %s" % (", ".join(unknown), ", ".join(PIPELINES)))
+        return list(names)
+    import torch
+
+    has_device = not device.startswith("cuda") or torch.cuda.is_available()
+    return [p for p in PIPELINES if p != "gpu-decode" or has_device]
 
 
 def add_bench_data_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `bench-data` on a `vit-accel` subparsers object."""
-    p = subparsers.add_parser("bench-data", help="images/s of the shard loader vs an ImageFolder + PIL loader",
+    p = subparsers.add_parser("bench-data", help="input pipelines per CPU-second vs torchvision's and timm's own",
                               description=__doc__.split("\n\n")[1])
-    p.add_argument("--shards", required=True, help="manifest .json, folder, brace pattern or URL of shards")
-    p.add_argument("--images", default="", help="ImageFolder for the baseline (default: the shards, extracted)")
+    p.add_argument("--corpus", type=int, default=0, help="time on this many ImageNet-like photos (data/corpus.py)")
+    p.add_argument("--corpus-dir", default="", help="keep the corpus here and reuse it (default: a temporary folder)")
+    p.add_argument("--images", default="", help="an ImageFolder to time on (sharded for ours)")
+    p.add_argument("--shards", default="", help="shards to time ours on (manifest, folder, brace pattern or URL); "
+                   "the baselines read their images, extracted, unless --images is given")
     p.add_argument("--workers", type=int, nargs="+", default=[1], help="DataLoader workers (one run per value)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--decoder", choices=["auto", "pil", "simplejpeg"], default="auto")
+    p.add_argument("--pipelines", nargs="+", default=[], metavar="NAME",
+                   help="some of %s (default: all; gpu-decode where CUDA is)" % ", ".join(PIPELINES))
+    p.add_argument("--decoder", choices=DECODERS, default="auto", help="our full-size JPEG decoder (data.decoder)")
+    p.add_argument("--device", default="cuda", help="gpu-decode's device (cpu runs its code with the CPU decoder)")
     p.add_argument("--repeat", type=int, default=1, help="alternate the loaders this many times, keep the best")
-    p.add_argument("--interpolation", choices=["bilinear", "bicubic"], default="bilinear",
-                   help="crop resampling of every loader (and RandAugment's)")
-    p.add_argument("--auto-augment", default="", help="also time the shards with this data.auto_augment (imagenet)")
-    p.add_argument("--rand-augment", default="", help="also time the shards with this data.rand_augment, "
-                   "e.g. rand-m9-mstd0.5-inc1")
-    p.add_argument("--random-erasing", type=float, default=0.0, help="also time the shards with this "
-                   "data.random_erasing probability")
-    p.add_argument("--mean", type=float, nargs=3, default=[123.675, 116.28, 103.53],
-                   help="normalization mean (0..255): RandAugment's fill and erasing's fill mean")
-    p.add_argument("--std", type=float, nargs=3, default=[58.395, 57.12, 57.375], help="erasing's fill std")
+    p.add_argument("--json", default="", help="write the rows to this file")
+    p.add_argument("--verbose", action="store_true", help="log every timed run to stderr")
     p.set_defaults(func=_bench_main)
     return p

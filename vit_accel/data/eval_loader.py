@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterator, List, Tuple
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .reader import ShardList, iter_records
 from .samples import BadSampleStats, Opts, ReaderTally, bad_sample_error, decode_sample, identity, too_many_bad
-from .transforms import eval_transform, resample_filter, resolve_decoder
+from .batches import shared_uint8
+from .fastpath import eval_sample
+from .transforms import resample_filter, resolve_decoder
 
 
 class _EvalPart(IterableDataset):
@@ -30,17 +31,17 @@ class _EvalPart(IterableDataset):
         wid, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         tally = ReaderTally(o.max_bad_fraction, "in validation")
         S, B = o.img_size, o.batch_size
-        images, labels, keys = [], [], []  # type: List[np.ndarray], List[int], List[str]
+        images = shared_uint8((B, 3, S, S), info is not None)
+        labels, keys = [], []  # type: List[int], List[str]
 
         def flush() -> Any:
-            batch = (torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).copy()),
-                     torch.tensor(labels, dtype=torch.int64), list(keys),
+            nonlocal images
+            n = len(keys)
+            batch = (images if n == B else images[:n].clone(), torch.tensor(labels, dtype=torch.int64), list(keys),
                      {"worker": wid, "seen": tally.seen, "bad": tally.bad, "new_bad": tally.take_new_bad()})
-            del images[:], labels[:], keys[:]
+            images = shared_uint8((B, 3, S, S), info is not None)
+            del labels[:], keys[:]
             return batch
-
-        def transform(data: bytes) -> np.ndarray:
-            return eval_transform(data, S, o.resize, o.interpolation, o.decoder)
 
         for sid in o.shard_ids[wid::workers]:
             offset = o.offsets[sid]
@@ -49,16 +50,16 @@ class _EvalPart(IterableDataset):
                 if rec is None:
                     continue
                 tally.seen += 1
-                arr, label, reason = decode_sample(rec, o.num_classes, transform)
+                _, label, reason = decode_sample(rec, o.num_classes, lambda data: eval_sample(
+                    data, images[len(keys)], S, o.resize, o.interpolation, o.decoder))
                 if reason:
                     tally.skip(rec, reason)
                     continue
-                images.append(arr)
                 labels.append(label)
                 keys.append(rec.key)
-                if len(images) == B:
+                if len(keys) == B:
                     yield flush()
-        if images or tally.new_bad:
+        if keys or tally.new_bad:
             yield flush()
 
 

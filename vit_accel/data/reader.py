@@ -1,18 +1,6 @@
 """Finding shards, reading tar records, and the deterministic plan of who reads what.
 
-Shard specs (`data.train_shards` / `data.val_shards`):
-  - a manifest `x/train.json` written by make-shards (sample counts come from it);
-  - a folder: its one manifest, or else every `*.tar` in it (sorted);
-  - a brace pattern `x/train-{000000..000099}.tar`: a manifest beside the files that lists
-    them is used for the counts;
-  - a URL or `pipe:` command as webdataset allows, e.g.
-    `pipe:aws s3 cp s3://bucket/train-{000000..000099}.tar -` (opened with webdataset's gopen).
-
-Shards without a manifest (written by other tools: a plain tar of `KEY.jpg` + `KEY.cls`)
-are counted by scanning their tar headers once when the loader is built (local files seek
-over the data; remote shards are streamed once). For object storage, keep the small
-manifest locally and add `"base": "pipe:aws s3 cp s3://bucket/imagenet/{name} -"` to it:
-counts come from the file and the bytes from the bucket.
+Shard specs (a manifest, a folder, tar paths, a URL or `pipe:` command) resolve in specs.py.
 
 A sample is a run of consecutive tar members sharing a key (the member name up to the
 first dot of its last path component: webdataset's rule). Hidden members (`._x`, `.x`)
@@ -23,14 +11,12 @@ Python 3.8 compatible.
 from __future__ import annotations
 
 import heapq
-import json
 import os
 import random
 import re
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..errors import InputError
-from .shards import MANIFEST_FORMAT, ShardError, read_manifest
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff", "gif")
 _WANTED_EXTS = frozenset(IMAGE_KEYS + ("cls",))
@@ -73,108 +59,13 @@ class Record(NamedTuple):
 
 # ----------------------------------------------------------------------------- spec resolution
 
-def _is_remote(url: str) -> bool:
+def is_remote(url: str) -> bool:
     return url.startswith("pipe:") or bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+://", url)) and \
         not url.startswith("file://")
 
 
-def _local_path(url: str) -> str:
+def local_path(url: str) -> str:
     return re.sub(r"^file://", "", url)
-
-
-def _from_manifest(path: str, spec: str) -> ShardList:
-    try:
-        m = read_manifest(path)
-    except ShardError as e:
-        raise DataError(str(e)) from None
-    base = m.get("base") or (os.path.dirname(os.path.abspath(path)) + os.sep)
-    urls = [base.replace("{name}", s["name"]) if "{name}" in base else base + s["name"] for s in m["shards"]]
-    return ShardList(urls, [s["samples"] for s in m["shards"]], m.get("classes"), spec,
-                     [s.get("bytes", -1) if not m.get("base") else -1 for s in m["shards"]])
-
-
-def _manifest_beside(paths: Sequence[str]) -> Optional[str]:
-    """A manifest in the shards' folder whose shard list covers all of `paths`."""
-    folder = os.path.dirname(os.path.abspath(paths[0]))
-    names = set(os.path.basename(p) for p in paths)
-    for n in sorted(os.listdir(folder)):
-        if not n.endswith(".json"):
-            continue
-        try:
-            with open(os.path.join(folder, n)) as f:
-                m = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if isinstance(m, dict) and m.get("format") == MANIFEST_FORMAT and m.get("complete") and \
-                names <= set(s.get("name") for s in m.get("shards", [])):
-            return os.path.join(folder, n)
-    return None
-
-
-def resolve_shards(spec: str) -> ShardList:
-    """Shard spec -> urls with sample counts (see the module docstring for the forms)."""
-    spec = (spec or "").strip()
-    if not spec:
-        raise DataError("no shards given: set data.train_shards / data.val_shards (a manifest .json, "
-                        "a folder, a brace pattern or a URL), or data.source=digits")
-    local = _local_path(spec)
-    if not _is_remote(spec) and local.endswith(".json"):
-        if not os.path.exists(local):
-            raise DataError("shard manifest %s does not exist" % local)
-        return _from_manifest(local, spec)
-    if not _is_remote(spec) and os.path.isdir(local):
-        manifests = []
-        for n in sorted(os.listdir(local)):
-            if n.endswith(".json"):
-                try:
-                    with open(os.path.join(local, n)) as f:
-                        if json.load(f).get("format") == MANIFEST_FORMAT:
-                            manifests.append(n)
-                except (OSError, ValueError, AttributeError):
-                    continue
-        if len(manifests) == 1:
-            return _from_manifest(os.path.join(local, manifests[0]), spec)
-        if len(manifests) > 1:
-            raise DataError("%s holds several manifests (%s): name one of them, e.g. %s"
-                            % (local, ", ".join(manifests), os.path.join(local, manifests[0])))
-        urls = [os.path.join(local, n) for n in sorted(os.listdir(local)) if n.endswith(".tar")]
-        if not urls:
-            raise DataError("folder %s holds no .tar shards and no manifest" % local)
-        return _scanned(urls, spec)
-    import braceexpand
-
-    urls = list(braceexpand.braceexpand(spec))
-    if not _is_remote(spec):
-        urls = [_local_path(u) for u in urls]
-        missing = [u for u in urls if not os.path.exists(u)]
-        if missing:
-            raise DataError("%d of %d shards of %s do not exist, e.g. %s" % (len(missing), len(urls), spec, missing[0]))
-        manifest = _manifest_beside(urls)
-        if manifest is not None:
-            full = _from_manifest(manifest, spec)
-            by_name = {os.path.basename(u): i for i, u in enumerate(full.urls)}
-            pick = [by_name[os.path.basename(u)] for u in urls]
-            return ShardList([full.urls[i] for i in pick], [full.counts[i] for i in pick], full.classes, spec,
-                             [full.sizes[i] for i in pick])
-    return _scanned(urls, spec)
-
-
-def _scanned(urls: List[str], spec: str) -> ShardList:
-    return ShardList(urls, [count_samples(u) for u in urls], None, spec, [-1] * len(urls))
-
-
-def check_local_shards(shards: ShardList) -> None:
-    """Cheap check before training: every local shard exists with the manifest's size."""
-    for url, size in zip(shards.urls, shards.sizes):
-        if _is_remote(url):
-            continue
-        path = _local_path(url)
-        if not os.path.exists(path):
-            raise DataError("shard %s (listed for %s) does not exist" % (path, shards.source))
-        if size >= 0 and os.path.getsize(path) != size:
-            raise DataError("shard %s has %d bytes but its manifest says %d: it is truncated or was "
-                            "replaced; re-run the same make-shards command to rewrite it"
-                            % (path, os.path.getsize(path), size))
 
 
 # ----------------------------------------------------------------------------- tar records
@@ -300,11 +191,11 @@ def _pax_records(data: bytes) -> Iterator[Tuple[str, str]]:
 
 def _open_shard(url: str) -> Tuple[Any, bool]:
     try:
-        if _is_remote(url):
+        if is_remote(url):
             from webdataset.gopen import gopen
 
             return gopen(url, "rb"), False
-        return open(_local_path(url), "rb"), True
+        return open(local_path(url), "rb"), True
     except (OSError, ValueError) as e:
         raise DataError("cannot open shard %s: %s: %s" % (url, type(e).__name__, e)) from None
 
@@ -407,12 +298,12 @@ def shard_order(num_shards: int, seed: int, epoch: int) -> List[int]:
 
 
 def plan_streams(counts: Sequence[int], num_streams: int, seed: int, epoch: int) -> List[List[int]]:
-    """Shard indices per reader (rank x worker) for one epoch, balanced by sample count.
+    """Shard indices per stream (data.streams) for one epoch, balanced by sample count.
 
-    Shards go, largest first (ties in the epoch's random order), to the reader with the
-    fewest samples so far (ties to the lowest reader). The readers' totals then depend only
+    Shards go, largest first (ties in the epoch's random order), to the stream with the
+    fewest samples so far (ties to the lowest stream). The streams' totals then depend only
     on the multiset of shard sizes, not on the epoch, so batches per epoch are a constant.
-    Each reader reads its shards in the epoch's random order.
+    Each stream reads its shards in the epoch's random order.
     """
     order = shard_order(len(counts), seed, epoch)
     position = {s: p for p, s in enumerate(order)}
@@ -426,12 +317,12 @@ def plan_streams(counts: Sequence[int], num_streams: int, seed: int, epoch: int)
 
 
 def samples_per_stream(counts: Sequence[int], num_streams: int) -> List[int]:
-    """Per-reader sample totals of `plan_streams` (the same for every epoch)."""
+    """Per-stream sample totals of `plan_streams`, sorted (the same for every epoch)."""
     return sorted(sum(counts[s] for s in st) for st in plan_streams(counts, num_streams, 0, 0))
 
 
 def resampled_shards(num_shards: int, seed: int, epoch: int, stream: int) -> Iterator[int]:
-    """Endless shard indices drawn with replacement for one reader (data.resampled=true)."""
+    """Endless shard indices drawn with replacement for one stream (data.resampled=true)."""
     rng = random.Random("resample/%d/%d/%d" % (seed, epoch, stream))
     while True:
         yield rng.randrange(num_shards)
@@ -439,7 +330,7 @@ def resampled_shards(num_shards: int, seed: int, epoch: int, stream: int) -> Ite
 
 def stream_records(shards: ShardList, shard_ids: Any, buffer: int, rng: random.Random, start: int,
                    total: Optional[int], ring: int = 0) -> Iterator[Tuple[int, Record]]:
-    """(output position, Record) of one reader's shuffled stream, from output position `start`.
+    """(output position, Record) of one shuffled stream, from output position `start`.
 
     The first `start` outputs are replayed on indices (no data read for samples already
     consumed, and shards wholly behind the resume point are not opened). With a finite

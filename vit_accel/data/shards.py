@@ -294,7 +294,9 @@ def encode_sample(sample: SourceSample, resize: int, quality: int, verify: bool)
         img.convert("RGB").save(out, "PNG")
         return "png", out.getvalue()
     except Exception as e:  # any PIL failure means "not an image we can use"
-        raise _Skip("not a readable image: %s: %s" % (type(e).__name__, e)) from None
+        what = "no image format PIL knows (damaged, or not an image)" if type(e).__name__ == "UnidentifiedImageError" \
+            else "%s: %s" % (type(e).__name__, e)
+        raise _Skip("not a readable image: %s" % what) from None
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -10,7 +10,8 @@ from typing import Any, Tuple
 
 from .eval_loader import EvalLoader
 from .loader import TrainLoader
-from .reader import DataError, ShardList, check_local_shards, resolve_shards
+from .reader import DataError, ShardList
+from .specs import check_local_shards, resolve_shards
 from .transforms import eval_resize_size
 
 SOURCES = ("shards", "digits")
@@ -46,7 +47,7 @@ def _shards_for(cfg: Any, split: str) -> ShardList:
 
 
 def build_train_loader(cfg: Any, img_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                       return_keys: bool = False, pin_memory: bool = False) -> TrainLoader:
+                       return_keys: bool = False, pin_memory: bool = False, log=None) -> TrainLoader:
     """The training loader of a recipe's data section (a DataConfig): batch_size is per rank."""
     return TrainLoader(_shards_for(cfg, "train"), img_size, batch_size, seed, rank=rank, world_size=world_size,
                        workers=cfg.workers, shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled,
@@ -54,7 +55,9 @@ def build_train_loader(cfg: Any, img_size: int, batch_size: int, seed: int, rank
                        decoder=cfg.decoder, max_bad_fraction=cfg.max_bad_fraction, return_keys=return_keys,
                        pin_memory=pin_memory, auto_augment=getattr(cfg, "auto_augment", ""),
                        rand_augment=getattr(cfg, "rand_augment", ""),
-                       random_erasing=getattr(cfg, "random_erasing", 0.0), mean=cfg.mean, std=cfg.std)
+                       random_erasing=getattr(cfg, "random_erasing", 0.0), mean=cfg.mean, std=cfg.std,
+                       decode=getattr(cfg, "decode", "cpu"),
+                       streams=getattr(cfg, "streams", 0), log=log)
 
 
 def build_eval_loader(cfg: Any, img_size: int, batch_size: int, rank: int = 0, world_size: int = 1,

@@ -43,16 +43,36 @@ def resample_filter(name: str) -> int:
         raise ValueError("data.interpolation must be one of %s, got %r" % (sorted(_RESAMPLE), name)) from None
 
 
+DECODERS = ("auto", "torchvision", "simplejpeg", "pil")
+
+
 def resolve_decoder(name: str) -> str:
-    """"auto" -> "simplejpeg" when importable else "pil"; checks explicit names."""
+    """"auto" -> "torchvision" when importable, else "simplejpeg" when importable, else "pil".
+
+    The decoder of full-size JPEGs in the training fast path (`fastpath.train_sample`); reduced
+    (DCT-scaled) decodes, PNGs and evaluation go through PIL (or simplejpeg when named).
+    """
     if name == "auto":
+        if _importable("torchvision.io"):
+            return "torchvision"
         return "simplejpeg" if _simplejpeg is not None else "pil"
     if name == "simplejpeg" and _simplejpeg is None:
         raise ValueError("data.decoder=simplejpeg but simplejpeg is not installed (pip install simplejpeg), "
                          "or use data.decoder=auto")
-    if name not in ("pil", "simplejpeg"):
-        raise ValueError("data.decoder must be auto, pil or simplejpeg, got %r" % (name,))
+    if name == "torchvision" and not _importable("torchvision.io"):
+        raise ValueError("data.decoder=torchvision but torchvision is not installed (pip install torchvision), "
+                         "or use data.decoder=auto")
+    if name not in DECODERS:
+        raise ValueError("data.decoder must be one of %s, got %r" % (", ".join(DECODERS), name))
     return name
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except (ImportError, RuntimeError):  # RuntimeError: a torchvision built for another torch
+        return False
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -168,7 +188,11 @@ def eval_resize_size(img_size: int, resize: int = 0, crop_fraction: float = 0.0)
 
 def eval_transform(data: bytes, img_size: int, resize: int = 0, interpolation: str = "bilinear",
                    decoder: str = "pil") -> np.ndarray:
-    """Encoded bytes -> uint8 (img_size, img_size, 3): shorter side to `resize` (0: img_size), center crop."""
+    """Encoded bytes -> uint8 (img_size, img_size, 3): shorter side to `resize` (0: img_size), center crop.
+
+    PIL throughout (timm's and torchvision's PIL eval transform to the value); the loader's
+    `fastpath.eval_sample` computes the same with torch's resize, and falls back to this.
+    """
     resize = resize or img_size
     img = open_image(data)
     out_w, out_h = resize_shorter_size(img.width, img.height, resize)

@@ -77,8 +77,5 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def check_optim_backend(cfg: OptimConfig, backend_name: str) -> None:
-    """Refuse, in one line, what a backend cannot do with the recipe's optimizer settings."""
-    if layer_decay_on(cfg) and backend_name == "ipu":
-        raise ConfigError(f"optim.layer_decay {cfg.layer_decay} is not available on the ipu backend (PopTorch "
-                          f"optimizers get one pushed lr; per-group scales are not wired there): use --backend cpu "
-                          f"or gpu, or set optim.layer_decay=0")
+    """Refuse, in one line, what a backend cannot do with the recipe's optimizer settings (nothing today:
+    the ipu backend pushes each group's scaled rate with setOptimizer)."""

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-from ..config import ConfigError, batch_split
-from .schedule import SCHEDULES, build_schedule, needs_train_samples
+from ..config import SCHEDULES, ConfigError, batch_split
+from .schedule import build_schedule, needs_train_samples
 
 
 def recipe_train_samples(recipe: Any) -> Optional[int]:

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .classeval import top_k
 from .schedule import Schedule
 
 
@@ -36,8 +37,12 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.run_dir / "tb"))
-        except Exception:
+        except ImportError:
             self.tb = None
+        except Exception as e:  # installed but broken: the run goes on, and says what is missing
+            self.tb = None
+            print(f"vit-accel: warning: TensorBoard is installed but failed ({type(e).__name__}: {e}); "
+                  f"no TensorBoard events are written (metrics.jsonl has every value)", file=sys.stderr, flush=True)
 
     def advance(self, n: int, postfix: Dict[str, str]) -> None:
         if self.bar is not None:
@@ -129,7 +134,8 @@ def plot_curves(run_dir: Path, out: Optional[Path] = None) -> Path:
     axes[0].set_title("training loss")
     if val:
         axes[1].plot([r["step"] for r in val], [100 * r["val_top1"] for r in val], "o-", label="top-1")
-        axes[1].plot([r["step"] for r in val], [100 * r["val_top5"] for r in val], "s--", label="top-5")
+        k = top_k(val[-1])[0]  # top-min(5, classes)
+        axes[1].plot([r["step"] for r in val], [100 * (top_k(r)[1] or 0.0) for r in val], "s--", label=f"top-{k}")
         axes[1].legend()
     axes[1].set_title("validation accuracy (%)")
     axes[2].plot(*lr_curve(run_dir, train), lw=1.2)
@@ -161,8 +167,8 @@ def format_summary(s: Dict[str, Any]) -> str:
     lines = [f"run        {s.get('run_dir', '')}",
              f"recipe     {s.get('recipe')}  backend {s.get('backend')}  world size {s.get('world_size', 1)}",
              f"steps      {s.get('steps')}  global batch {s.get('global_batch_size')}",
-             f"val top-1  {100 * s.get('val_top1', float('nan')):.2f}%   top-5 "
-             f"{100 * s.get('val_top5', float('nan')):.2f}%",
+             f"val top-1  {100 * s.get('val_top1', float('nan')):.2f}%   top-{top_k(s)[0]} "
+             f"{100 * (top_k(s)[1] if top_k(s)[1] is not None else float('nan')):.2f}%",
              f"train loss {s.get('train_loss', float('nan')):.4f}",
              f"speed      {s.get('images_per_second', 0):.1f} images/s, wall {s.get('wall_seconds', 0):.1f} s"]
     if s.get("skipped_steps"):

@@ -18,7 +18,7 @@ global batch) alike.
                             convert_to_iter_based=True)`` then ``CosineAnnealingLR(eta_min=min_lr,
                             begin=warmup_epochs, by_epoch=True)`` to the last epoch. mmengine chains
                             them recursively (each value from the previous one); both recursions
-                            telescope to the closed forms used here (tests check it step by step)
+                            telescope to the closed forms used here
     classy_composite        ClassyVision ``composite`` (fvcore), ``update_interval: step``,
                             ``where = step / total``: for ``where + 1e-6 <= warmup_fraction`` the
                             linear ``start -> lr`` rescaled to its own 0..1 ("rescaled"), after it
@@ -29,71 +29,23 @@ ClassyVision evaluates ``where`` at the last forward pass of each gradient-accum
 period, counting forward passes; with one forward pass per optimizer step (no accumulation)
 that is ``step / total``, which is what is computed here whatever our accumulation is.
 
+tests/test_schedule_sources.py runs each source's own code (mmcv's IterBasedRunner and LR hook,
+mmengine's Runner with its ParamSchedulerHook, ClassyVision's ClassificationTask) over whole runs
+of every recipe and compares every step with these formulas.
+
 Python 3.8 / torch 2.0 compatible (the IPU path imports it).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import List, Optional
 
+from ..config import SCHEDULES, ScheduleConfig, check_schedule, is_whole  # noqa: F401  (SCHEDULES: the kinds these compute)
 from ..errors import ConfigError
-
-if TYPE_CHECKING:  # the schedule checks run inside config.validate: no runtime import back
-    from ..config import ScheduleConfig
-
-SCHEDULES: Dict[str, str] = {
-    "cosine": "linear warm-up, then cosine from lr to min_lr over the steps after warm-up",
-    "constant": "linear warm-up, then constant lr",
-    "mmcv_cosine": "mmcv 1.x CosineAnnealing by iteration, linear warm-up multiplying it (warmup_ratio)",
-    "mmengine_linear_cosine": "mmengine LinearLR per iteration over warmup_epochs, then CosineAnnealingLR per epoch",
-    "classy_composite": "ClassyVision composite: linear (rescaled) for warmup_fraction, then cosine (fixed)",
-    "classy_cosine": "ClassyVision cosine over the whole run, per step",
-}
 
 # fvcore's ParamScheduler.WHERE_EPSILON: the composite scheduler switches when where + eps > boundary
 WHERE_EPSILON = 1e-6
-
-
-# ---------------------------------------------------------------------------------------
-# Checks that need no data (called by config.validate)
-# ---------------------------------------------------------------------------------------
-
-def _whole(x: float) -> bool:
-    return abs(x - round(x)) < 1e-9
-
-
-def check_schedule(cfg: ScheduleConfig) -> None:
-    """Static checks of a schedule section; errors name the keys and the valid values."""
-    if cfg.kind not in SCHEDULES:
-        raise ConfigError(f"schedule.kind: {cfg.kind!r} is not one of {', '.join(SCHEDULES)}")
-    for key in ("total_steps", "warmup_steps", "epochs", "warmup_epochs", "warmup_fraction", "min_lr"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"schedule.{key} must be >= 0, got {getattr(cfg, key)}")
-    if (cfg.total_steps > 0) == (cfg.epochs > 0):
-        raise ConfigError(f"schedule: give the run's length once, total_steps (optimizer steps) or epochs; got "
-                          f"total_steps {cfg.total_steps} and epochs {cfg.epochs} (set the other one to 0)")
-    warm = [k for k in ("warmup_steps", "warmup_epochs", "warmup_fraction") if getattr(cfg, k) > 0]
-    if len(warm) > 1:
-        raise ConfigError(f"schedule: give the warm-up once; got {' and '.join(f'{k} {getattr(cfg, k)}' for k in warm)}"
-                          f" (set the others to 0)")
-    if cfg.warmup_fraction >= 1:
-        raise ConfigError(f"schedule.warmup_fraction {cfg.warmup_fraction} must be below 1 (a fraction of the run)")
-    if not 0 <= cfg.warmup_start_factor <= 1:
-        raise ConfigError(f"schedule.warmup_start_factor {cfg.warmup_start_factor} must be in [0, 1]")
-    if cfg.kind == "mmengine_linear_cosine":
-        if not (cfg.epochs > 0 and _whole(cfg.epochs) and cfg.warmup_epochs > 0 and _whole(cfg.warmup_epochs)):
-            raise ConfigError(f"schedule.kind mmengine_linear_cosine counts whole epochs (its cosine steps once per "
-                              f"epoch): set schedule.epochs and schedule.warmup_epochs to whole numbers, got epochs "
-                              f"{cfg.epochs}, warmup_epochs {cfg.warmup_epochs} (total_steps and warmup_steps 0)")
-    if cfg.kind == "classy_composite" and not cfg.warmup_fraction > 0:
-        raise ConfigError("schedule.kind classy_composite needs schedule.warmup_fraction (its lengths[0], e.g. 0.1) "
-                          "and warmup_steps 0")
-    if cfg.kind == "classy_cosine" and warm:
-        raise ConfigError(f"schedule.kind classy_cosine has no warm-up; set {warm[0]} to 0 (or use classy_composite)")
-    if cfg.total_steps and cfg.warmup_steps and cfg.warmup_steps >= cfg.total_steps:
-        raise ConfigError(f"schedule: warmup_steps {cfg.warmup_steps} >= total_steps {cfg.total_steps}: the warm-up "
-                          f"must end before the run does")
 
 
 def needs_train_samples(cfg: ScheduleConfig) -> bool:
@@ -197,13 +149,13 @@ def build_schedule(cfg: ScheduleConfig, base_lr: float, global_batch: int,
     spe = 0
     if needs_train_samples(cfg):
         if not train_samples:
-            raise ConfigError(f"schedule: lengths in epochs need the number of training samples (from the training "
-                              f"shards' manifest, or `vit-accel plan --train-samples N`; ImageNet-1k has 1,281,167)")
+            raise ConfigError("schedule: lengths in epochs need the number of training samples (from the training "
+                              "shards' manifest, or `vit-accel plan --train-samples N`; ImageNet-1k has 1,281,167)")
         spe = steps_per_epoch(train_samples, global_batch)
     per_epoch = (f"steps per epoch = ceil(train samples {train_samples:,} / global batch {global_batch:,}) = {spe:,}"
                  if spe else "")
     if cfg.epochs > 0:
-        total = int(round(cfg.epochs * spe)) if _whole(cfg.epochs * spe) else int(math.ceil(cfg.epochs * spe))
+        total = int(round(cfg.epochs * spe)) if is_whole(cfg.epochs * spe) else int(math.ceil(cfg.epochs * spe))
         total_text = f"epochs {cfg.epochs:g} x {spe:,} = {total:,} steps"
     else:
         total = cfg.total_steps
