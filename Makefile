@@ -34,8 +34,13 @@ lint-py38: $(STAMP)
 envs:
 	$(MAKE) -j2 $(STAMP) $(STAMP20)
 
+# The cluster tests (torchrun and SLURM jobs that are killed, signalled and requeued, each on its
+# own ports) run after the rest, on their own: no other test's processes take ports or CPU from them.
+CLUSTER_TESTS := tests/test_cluster.py
+
 test: envs lint-py38
-	env $(INTERP) $(PY) -m pytest -q -rs -n $(JOBS) --dist worksteal tests
+	env $(INTERP) $(PY) -m pytest -q -rs -n $(JOBS) --dist worksteal --ignore=$(CLUSTER_TESTS) tests
+	$(PY) -m pytest -q -rs -n $(JOBS) --dist worksteal $(CLUSTER_TESTS)
 	$(MAKE) test-torch20
 
 # The inner loop: everything but the multi-process and end-to-end runs (marker `slow`).

@@ -130,7 +130,7 @@ def random_erase(arr: np.ndarray, rng: random.Random, prob: float, fill_mean: Se
     aspect (h/w) in `aspect`, sides rounded and clamped to the image, top-left uniform over
     the positions that fit (the last row/column excluded, as numpy's randint draws), filled with
     per-pixel N(mean, std) truncated toward zero and clipped to 0..255. One try, no retries.
-    Draws: the switch, the aspect, the area, top, left from `rng`, then the fill (float32 standard
+    Draws: the switch, the aspect, the area, top, left from `rng`, then the fill (float64
     normals, scaled) from a numpy generator seeded by `rng`. Returns `arr` itself when nothing is
     erased, else a copy.
     """
@@ -169,10 +169,8 @@ def _erase_box(img_h: int, img_w: int, rng: random.Random, prob: float, area: Se
 def _erase_fill(h: int, w: int, channels: int, rng: random.Random, mean: Sequence[float],
                 std: Sequence[float]) -> np.ndarray:
     """uint8 [h, w, channels]: N(mean, std) per pixel, truncated toward zero, clipped to 0..255."""
-    # float32 normals (half the cost of float64 ones); the fill is whole levels either way
-    noise = np.random.default_rng(rng.getrandbits(64)).standard_normal((h, w, channels), dtype=np.float32)
-    noise *= np.asarray(std, dtype=np.float32)
-    noise += np.asarray(mean, dtype=np.float32)
+    # float64 normals, as mmpretrain's np.random.normal: the same generator state gives the same pixels
+    noise = np.random.default_rng(rng.getrandbits(64)).normal(mean, std, (h, w, channels))
     return np.clip(noise.astype(np.int32), 0, 255).astype(np.uint8)
 
 
