@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from vit_accel.cli import main
+from vit_accel.engine.runlog import lr_curve
 
 REPO = Path(__file__).resolve().parent.parent
 # a small, fast version of the embedded default
@@ -38,6 +39,9 @@ def test_digits_run_beats_chance_and_writes_the_run_dir(tmp_path, data_root, mon
                  "--set", "schedule.warmup_steps=10", "--set", "train.eval_every=75",
                  "--set", "train.checkpoint_every=75"] + TINY)
     assert code == 0
+    # what cpu.precision / cpu.compile "auto" chose, and why, is printed at start
+    chosen = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("cpu: precision "))
+    assert "compile " in chosen and "(auto: " in chosen, chosen
     summary = json.loads((rd / "summary.json").read_text())
     assert summary["val_top1"] > 0.5, summary  # chance is 0.1
     assert summary["steps"] == 150 and summary["backend"] == "cpu"
@@ -48,6 +52,10 @@ def test_digits_run_beats_chance_and_writes_the_run_dir(tmp_path, data_root, mon
     assert [r["step"] for r in train] == list(range(5, 151, 5))
     assert train[-1]["loss"] < train[0]["loss"]
     assert sum(r["kind"] == "val" for r in records) == 2
+    # curves.png draws the schedule's rate of every step from step 0, not from the first log line
+    steps, lrs = lr_curve(rd, train)
+    assert steps[0] == 0 and len(lrs) == 150 and lrs[0] == pytest.approx(0.02 * 1e-3)
+    assert all(r["lr"] == pytest.approx(lrs[r["step"] - 1]) for r in train)   # step k logs step k - 1's rate
     assert (rd / "curves.png").stat().st_size > 10_000
     (rd / "curves.png").unlink()
     assert main(["report", str(rd)]) == 0

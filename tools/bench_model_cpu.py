@@ -2,9 +2,10 @@
 
 Forward (inference, no_grad) and forward+backward (training step without the optimizer) images/s,
 for vit-accel attn_impl eager and sdpa, transformers attn_implementation eager and sdpa, and
-timm (fused SDPA attention) where it is installed; all get the same weights first. The
-providers run interleaved, one timed repetition each per round, so drift in machine load hits all
-of them alike; the table reports the median over rounds.
+timm (fused SDPA attention; built as `vit-accel bench` builds it, ``bench.timm_vit``: our exact
+architecture) where it is installed; all get the same weights first. The providers run
+interleaved, one timed repetition each per round, so drift in machine load hits all of them
+alike; the table reports the median over rounds.
 
     python tools/bench_model_cpu.py --model vit-b16 --batch 8 --iters 3 --rounds 5
 
@@ -23,18 +24,16 @@ from vit_accel.model import count_macs, create_vit, vit_config
 
 
 def build_providers(name: str, img: int, num_classes: int):
-    cfg = vit_config(name, img_size=img, num_classes=num_classes)
+    # HF's default LayerNorm eps is 1e-12; every provider uses it so all compute the same function.
+    cfg = vit_config(name, img_size=img, num_classes=num_classes, layer_norm_eps=1e-12)
     providers = {}
     for impl in ("eager", "sdpa"):
-        # HF's default LayerNorm eps is 1e-12; match it so both compute the same function.
         providers["vit-accel " + impl] = create_vit(name, img_size=img, num_classes=num_classes,
                                                     attn_impl=impl, layer_norm_eps=1e-12)
     try:
-        import timm
+        from vit_accel.bench import timm_vit
 
-        from vit_accel.bench import timm_name
-
-        providers["timm"] = timm.create_model(timm_name(name, img), pretrained=False, num_classes=num_classes)
+        providers["timm"] = timm_vit(cfg)   # timm's VisionTransformer, our exact architecture (as vit-accel bench)
     except ImportError:
         print("timm is not installed: no timm provider")
     try:

@@ -4,17 +4,23 @@ Times the backend's real ``train_step`` (uint8 images -> normalize -> forward ->
 backward -> optimizer step) on synthetic data already on the device, after a warm-up, for
 several providers of the same model side by side:
 
-    ours      the backend's ops (GPU: our Triton kernels as the recipe's gpu section says)
+    ours      the backend as ``vit-accel train`` runs it (GPU: our Triton kernels as the recipe's gpu
+              section says; CPU: cpu.precision and cpu.compile as the recipe sets or auto resolves them)
     eager     attention as explicit matmul + softmax, torch LayerNorm and GELU
     sdpa      torch scaled_dot_product_attention, torch LayerNorm and GELU
     compile   sdpa under torch.compile
-    timm      timm's VisionTransformer of the same size (random init), under torch.compile
+    timm      timm's VisionTransformer of the same architecture (random init), under torch.compile
 
-Reports images/s, step time, achieved TFLOP/s (3 x analytic forward FLOPs per image: forward
-plus a backward of twice the cost), MFU against the device's dense 16-bit tensor peak (a small
-table, or --peak-tflops), and peak memory. ``--zero-memory`` instead reports per-GPU peak
-memory of ViT-L/16 under DeepSpeed ZeRO-3 versus stage 0 (run it under torchrun to see the
-sharding pay off; one process shows the bookkeeping cost only).
+Every provider runs the same optimizer, precision and batch. With ``--rounds`` above 1 (the CPU
+default) all providers are built and warmed up first, then timed in turns (ours, eager, ..., ours,
+eager, ...), so a change in the machine's load hits each alike; the table gives the median and the
+best round and each provider's median against the reference's (timm when measured) in the same run.
+Reports images/s, step time, achieved FLOP/s (3 x analytic forward FLOPs per image: forward plus a
+backward of twice the cost) against the device's peak (GPU: a table of dense 16-bit tensor-core
+peaks; CPU: cores x clock x FLOP/cycle of its ISA, cpu_features.py; or --peak-tflops), the warm-up
+time (compiles included), CPU time per step and, one provider at a time on a GPU, peak memory.
+``--zero-memory`` instead reports per-GPU peak memory of ViT-L/16 under DeepSpeed ZeRO-3 versus
+stage 0 (run it under torchrun to see the sharding pay off; one process shows the bookkeeping cost only).
 
 ``--backend cpu`` runs the same code on the CPU with tiny defaults, so CI exercises it.
 """
@@ -25,15 +31,16 @@ import copy
 import gc
 import json
 import os
-import platform
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import List, Optional, Union
 
 import torch
 
+from .bench_report import Result, device_peak, environment, format_table, load_average
 from .config import Recipe, load_recipe, vit_options
 
 PROVIDERS = ("ours", "eager", "sdpa", "compile", "timm")
@@ -43,63 +50,35 @@ _OPS = {"eager": dict(attn_impl="eager", norm_impl="torch", mlp_impl="torch"),
         "compile": dict(attn_impl="sdpa", norm_impl="torch", mlp_impl="torch"),
         "timm": dict(attn_impl="sdpa", norm_impl="torch", mlp_impl="torch")}
 
-# Dense (no sparsity) bf16/fp16 tensor-core peak per GPU, TFLOP/s, from NVIDIA's datasheets.
-# Matched against torch.cuda.get_device_name(), most specific first.
-PEAK_TFLOPS = (
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),          # SXM5 ("H100 80GB HBM3")
-    ("A100", 312.0),
-)
-
-_TIMM_SIZES = {"ti": "tiny", "s": "small", "b": "base", "l": "large", "h": "huge"}
-
-
-@dataclass
-class Result:
-    provider: str
-    images_per_second: Optional[float] = None
-    step_ms: Optional[float] = None
-    tflops: Optional[float] = None
-    mfu: Optional[float] = None
-    peak_memory_gib: Optional[float] = None
-    note: str = ""
-
 
 # ---------------------------------------------------------------------------------------
 # Pieces
 # ---------------------------------------------------------------------------------------
 
-def peak_tflops_for(device_name: str) -> Optional[float]:
-    for key, tf in PEAK_TFLOPS:
-        if key.lower() in device_name.lower():
-            return tf
-    return None
-
-
-def timm_name(variant: str, img_size: int) -> str:
-    """Our variant name -> timm's model name (``vit-b16``, 224 -> ``vit_base_patch16_224``)."""
-    body = variant[len("vit-"):]
-    size = "".join(c for c in body if c.isalpha())
-    patch = body[len(size):]
-    if size not in _TIMM_SIZES or not patch.isdigit():
-        raise ValueError(f"no timm name for variant {variant!r}")
-    return f"vit_{_TIMM_SIZES[size]}_patch{patch}_{img_size}"
-
-
 def timm_vit(cfg) -> torch.nn.Module:
-    """timm's VisionTransformer with exactly the architecture of our ``ViTConfig`` (random init)."""
+    """timm's VisionTransformer with exactly the architecture of our ``ViTConfig`` (random init),
+    LayerNorm eps and dropouts included: timm's ``drop_rate`` is the head's alone, its position and
+    projection/MLP dropouts (ours all follow ``drop_rate``) have their own rates."""
+    from functools import partial
+
     from timm.models.vision_transformer import VisionTransformer
 
     return VisionTransformer(img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=cfg.num_classes,
                              embed_dim=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
                              qkv_bias=cfg.qkv_bias, global_pool=cfg.global_pool, fc_norm=cfg.fc_norm,
-                             drop_rate=cfg.drop_rate, attn_drop_rate=cfg.attn_drop_rate,
-                             drop_path_rate=cfg.drop_path_rate)
+                             drop_rate=cfg.drop_rate, pos_drop_rate=cfg.drop_rate, proj_drop_rate=cfg.drop_rate,
+                             attn_drop_rate=cfg.attn_drop_rate, drop_path_rate=cfg.drop_path_rate,
+                             norm_layer=partial(torch.nn.LayerNorm, eps=cfg.layer_norm_eps))
 
 
-def bench_recipe(recipe: Recipe, backend: str, batch: int, zero_stage: int = -1) -> Recipe:
-    """One process, one micro-batch per optimizer step of ``batch`` images, no DeepSpeed unless asked."""
+def bench_recipe(recipe: Recipe, backend: str, batch: int, zero_stage: int = -1, provider: str = "ours",
+                 precision: Optional[str] = None) -> Recipe:
+    """One process, one micro-batch per optimizer step of ``batch`` images, no DeepSpeed unless asked.
+
+    Only ``ours`` keeps the recipe's compile and precision settings (auto resolves them as in
+    training): the bench compiles the other providers itself and gives them ``precision``, the one
+    ``ours`` runs at.
+    """
     r = copy.deepcopy(recipe)
     sec = getattr(r, backend)
     # under torchrun (--zero-memory) every process takes one micro-batch per step
@@ -110,6 +89,10 @@ def bench_recipe(recipe: Recipe, backend: str, batch: int, zero_stage: int = -1)
     r.distributed.offload_optimizer = False
     if backend == "gpu":
         r.gpu.compile = False          # the bench compiles per provider itself
+    elif provider != "ours":
+        r.cpu.compile = "false"
+    if precision is not None and provider != "ours":
+        sec.precision = precision
     return r
 
 
@@ -124,29 +107,50 @@ def build_provider_model(provider: str, recipe: Recipe, backend) -> torch.nn.Mod
     return torch.compile(model) if provider == "compile" else model
 
 
+def loop_backend(name: str, recipe: Recipe):
+    """The CPU or GPU backend: the bench times their shared step loop, which keeps its model and
+    batches on ``CPUBackend.device`` (not a member of the general backend seam)."""
+    from .backends import backend_class
+    from .backends.cpu import CPUBackend
+
+    backend = backend_class(name)(recipe)
+    assert isinstance(backend, CPUBackend), name
+    return backend
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def time_steps(backend, images, labels, lr: float, warmup: int, steps: int) -> float:
-    """Seconds per training step after ``warmup`` untimed steps (CUDA events on GPUs)."""
-    for _ in range(warmup):
-        backend.train_step(images, labels, lr)
-    dev = backend.device
+@dataclass
+class _Live:
+    """A provider ready to step: its backend (model, optimizer) and its synthetic batch on the device."""
+    provider: str
+    backend: object
+    images: torch.Tensor
+    labels: torch.Tensor
+    lr: float
+    warmup_s: float
+
+
+def time_steps(live: _Live, steps: int) -> tuple:
+    """(seconds, CPU seconds) per training step over ``steps`` steps (CUDA events on GPUs)."""
+    dev = live.backend.device
     _sync(dev)
+    cpu0 = time.process_time()
     if dev.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(steps):
-            backend.train_step(images, labels, lr)
+            live.backend.train_step(live.images, live.labels, live.lr)
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1000.0 / steps
+        return start.elapsed_time(end) / 1000.0 / steps, (time.process_time() - cpu0) / steps
     t0 = time.perf_counter()
     for _ in range(steps):
-        backend.train_step(images, labels, lr)
-    return (time.perf_counter() - t0) / steps
+        live.backend.train_step(live.images, live.labels, live.lr)
+    return (time.perf_counter() - t0) / steps, (time.process_time() - cpu0) / steps
 
 
 def _release(device: torch.device) -> None:
@@ -159,40 +163,97 @@ def _release(device: torch.device) -> None:
         pass
 
 
-def measure(provider: str, recipe: Recipe, backend_name: str, batch: int, warmup: int, steps: int,
-            peak: Optional[float]) -> Result:
-    from .backends import backend_class
-    from .model import count_macs, vit_config
-
-    r = bench_recipe(recipe, backend_name, batch)
-    backend = backend_class(backend_name)(r)
+def prepare(provider: str, recipe: Recipe, backend_name: str, batch: int, warmup: int,
+            precision: Optional[str]) -> Union[_Live, Result]:
+    """Build the provider's backend and model, make its batch, run the warm-up steps (compiles);
+    a provider that cannot be built here (timm missing, a kernel that cannot build) comes back as a
+    skipped Result that says why."""
+    r = bench_recipe(recipe, backend_name, batch, provider=provider, precision=precision)
+    backend = loop_backend(backend_name, r)
     dev = backend.device
     try:
         model = build_provider_model(provider, r, backend)
-    except Exception as e:   # timm missing, a kernel that cannot build here: say so, go on
+    except Exception as e:
         return Result(provider, note=f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-    flops = 3 * 2 * count_macs(vit_config(r.model.name, **vit_options(r.model)))   # fwd + 2x fwd for bwd
     backend.setup(model)
     g = torch.Generator(device="cpu").manual_seed(0)
     size = r.model.img_size
     images = torch.randint(0, 256, (batch, 3, size, size), generator=g, dtype=torch.uint8).to(dev)
     labels = torch.randint(0, r.model.num_classes, (batch,), generator=g).to(dev)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    sec = time_steps(backend, images, labels, r.optim.lr * 1e-3, warmup, steps)
-    ips = batch / sec
-    tflops = flops * ips / 1e12
-    res = Result(provider, images_per_second=ips, step_ms=sec * 1e3, tflops=tflops,
-                 mfu=tflops / peak if peak else None,
-                 peak_memory_gib=torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None)
-    del backend, model, images, labels
-    _release(dev)
-    return res
+    live = _Live(provider, backend, images, labels, r.optim.lr * 1e-3, 0.0)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        backend.train_step(images, labels, live.lr)
+    _sync(dev)
+    live.warmup_s = time.perf_counter() - t0
+    return live
+
+
+def measure(providers: List[str], recipe: Recipe, backend_name: str, batch: int, warmup: int, steps: int,
+            rounds: int, peak: Optional[float], precision: Optional[str]) -> List[Result]:
+    """Each provider's images/s; ``rounds`` > 1: all built and warmed up first, then timed in turns,
+    round by round. ``rounds`` 1: one provider at a time (on a GPU, with its own peak memory)."""
+    from .model import count_macs, vit_config
+
+    flops = 3 * 2 * count_macs(vit_config(recipe.model.name, **vit_options(recipe.model)))   # fwd + 2x fwd for bwd
+    results = {}
+    lives = {}
+    for p in providers:
+        live = prepare(p, recipe, backend_name, batch, warmup, precision)
+        if isinstance(live, Result):      # skipped, with the reason
+            results[p] = live
+            continue
+        lives[p] = (live, [], [])
+        if rounds <= 1:
+            dev = live.backend.device
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            _time_into(lives[p], steps)
+            results[p] = _result(lives.pop(p), batch, flops, peak, backend_name)
+            if dev.type == "cuda":
+                results[p].peak_memory_gib = torch.cuda.max_memory_allocated(dev) / 2 ** 30
+            del live
+            _release(dev)
+    for _ in range(rounds if lives else 0):
+        for entry in lives.values():
+            _time_into(entry, steps)
+    for p in list(lives):
+        results[p] = _result(lives.pop(p), batch, flops, peak, backend_name)
+    _release(torch.device("cpu"))
+    return [results[p] for p in providers]
+
+
+def _time_into(entry, steps: int) -> None:
+    live, seconds, cpu_seconds = entry
+    sec, cpu = time_steps(live, steps)
+    seconds.append(sec)
+    cpu_seconds.append(cpu)
+
+
+def _result(entry, batch: int, flops: float, peak: Optional[float], backend_name: str) -> Result:
+    live, seconds, cpu_seconds = entry
+    sec = statistics.median(seconds)
+    tflops = flops * batch / sec / 1e12
+    return Result(live.provider, images_per_second=batch / sec, step_ms=sec * 1e3, tflops=tflops,
+                  mfu=tflops / peak if peak else None, best_images_per_second=batch / min(seconds),
+                  warmup_s=live.warmup_s, rounds=[batch / t for t in seconds],
+                  cpu_s_per_step=statistics.median(cpu_seconds) if backend_name == "cpu" else None)
+
+
+def with_ratios(results: List[Result]) -> str:
+    """Set each result's median images/s over the reference's (timm when measured, else the first
+    measured provider); returns the reference's name."""
+    measured = [r for r in results if r.images_per_second]
+    if not measured:
+        return ""
+    ref = next((r for r in measured if r.provider == "timm"), measured[0])
+    for r in measured:
+        r.ratio = r.images_per_second / ref.images_per_second
+    return ref.provider
 
 
 def zero_memory(recipe: Recipe, backend_name: str, batch: int, warmup: int, model_name: str) -> List[Result]:
     """Peak memory per process of ``model_name`` under ZeRO stage 0 and stage 3 (DeepSpeed)."""
-    from .backends import backend_class
     from .engine import distributed
     from .model import create_vit
 
@@ -200,7 +261,7 @@ def zero_memory(recipe: Recipe, backend_name: str, batch: int, warmup: int, mode
     for stage in (0, 3):
         r = bench_recipe(recipe, backend_name, batch, zero_stage=stage)
         r.model.name = model_name
-        backend = backend_class(backend_name)(r)
+        backend = loop_backend(backend_name, r)
         dev, world = backend.device, distributed.world_size()   # the backend joined the process group
         torch.manual_seed(0)
         opts = vit_options(r.model)
@@ -209,9 +270,12 @@ def zero_memory(recipe: Recipe, backend_name: str, batch: int, warmup: int, mode
         size = r.model.img_size
         images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=dev)
         labels = torch.randint(0, r.model.num_classes, (batch,), device=dev)
+        live = _Live(f"zero-{stage}", backend, images, labels, r.optim.lr * 1e-3, 0.0)
+        for _ in range(warmup):
+            backend.train_step(images, labels, live.lr)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        sec = time_steps(backend, images, labels, r.optim.lr * 1e-3, warmup, 1)
+        sec, _ = time_steps(live, 1)
         mem = None
         if dev.type == "cuda":
             peak = torch.tensor([torch.cuda.max_memory_allocated(dev)], dtype=torch.float64)
@@ -219,42 +283,9 @@ def zero_memory(recipe: Recipe, backend_name: str, batch: int, warmup: int, mode
         out.append(Result(f"zero-{stage} x{world}", images_per_second=batch * world / sec,
                           step_ms=sec * 1e3, peak_memory_gib=mem,
                           note="" if mem is not None else "memory: n/a (no CUDA)"))
-        del backend, images, labels
+        del backend, images, labels, live
         _release(dev)
     return out
-
-
-# ---------------------------------------------------------------------------------------
-# Report
-# ---------------------------------------------------------------------------------------
-
-def _fmt(v: Optional[float], spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def format_table(results: List[Result]) -> str:
-    head = f"{'provider':<12} {'images/s':>10} {'step ms':>9} {'TFLOP/s':>9} {'MFU':>7} {'peak GiB':>9}  note"
-    lines = [head, "-" * len(head)]
-    for r in results:
-        mfu = "-" if r.mfu is None else f"{100 * r.mfu:.1f}%"
-        lines.append(f"{r.provider:<12} {_fmt(r.images_per_second, '.1f'):>10} {_fmt(r.step_ms, '.2f'):>9} "
-                     f"{_fmt(r.tflops, '.3f'):>9} {mfu:>7} {_fmt(r.peak_memory_gib, '.2f'):>9}  {r.note}")
-    return "\n".join(lines)
-
-
-def environment(device: torch.device) -> Dict[str, Any]:
-    env = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-           "date": time.strftime("%Y-%m-%d")}
-    if device.type == "cuda":
-        env["device"] = torch.cuda.get_device_name(device)
-        env["cuda"] = torch.version.cuda
-    else:
-        env["device"] = f"cpu ({torch.get_num_threads()} threads)"
-    for mod in ("triton", "deepspeed", "timm"):
-        m = __import__("sys").modules.get(mod)
-        if m is not None:
-            env[mod] = getattr(m, "__version__", "?")
-    return env
 
 
 # ---------------------------------------------------------------------------------------
@@ -276,36 +307,50 @@ def run_bench(args) -> int:
     batch = args.batch or (recipe.gpu.micro_batch_size if on_gpu else 4)
     steps = args.steps or (20 if on_gpu else 2)
     warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    rounds = args.rounds or (1 if on_gpu else 3)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_gpu else torch.device("cpu")
     precision = getattr(recipe, name).precision
-    peak = args.peak_tflops
-    if peak is None and on_gpu and precision in ("bf16", "fp16"):
-        peak = peak_tflops_for(torch.cuda.get_device_name(device))
-    env = environment(device)
+    if not on_gpu:   # every provider runs what cpu.precision resolves to (auto: by the CPU's bf16)
+        from .backends.cpu_choice import choose_precision
+
+        precision = choose_precision(precision, zero=bool(args.zero_memory)).value
+    peak, peak_from = device_peak(device, precision, args.peak_tflops)
+    load_start = load_average()
 
     if args.zero_memory:
         model = args.model or "vit-l16"
         results = zero_memory(recipe, name, args.batch or (8 if on_gpu else 2), warmup, model)
         title = f"ZeRO memory: {model}, micro-batch {args.batch or (8 if on_gpu else 2)}, {precision}"
+        reference = ""
     else:
         providers = [p.strip() for p in args.providers.split(",")] if args.providers else (
-            list(PROVIDERS) if on_gpu else ["ours", "eager", "sdpa"])
+            list(PROVIDERS) if on_gpu else ["ours", "compile", "timm"])
         bad = [p for p in providers if p not in PROVIDERS]
         if bad:
             print(f"vit-accel bench: unknown provider {bad[0]!r}; choose from {', '.join(PROVIDERS)}",
                   file=sys.stderr)
             return 2
-        results = [measure(p, recipe, name, batch, warmup, steps, peak) for p in providers]
+        results = measure(providers, recipe, name, batch, warmup, steps, rounds, peak, precision)
+        reference = with_ratios(results)
         model = recipe.model.name
-        title = (f"{model} {recipe.model.img_size}px, micro-batch {batch}, {precision}, {steps} steps after "
-                 f"{warmup} warm-up, peak {peak if peak else 'unknown'} TFLOP/s")
+        title = (f"{model} {recipe.model.img_size}px, micro-batch {batch}, {precision}, {rounds} round(s) of {steps} "
+                 f"steps after {warmup} warm-up")
+    env = environment(device)
+    env["load_average_start"], env["load_average_end"] = load_start, load_average()
     if distributed.is_main():
+        unit = "TFLOP/s" if on_gpu else "GFLOP/s"
+        shown = "-" if peak is None else (f"{peak:g} TFLOP/s" if on_gpu else f"{peak * 1e3:.0f} GFLOP/s")
         print(f"vit-accel bench --backend {name}: {title}  [{env['device']}, torch {env['torch']}]")
-        print(format_table(results))
+        if env.get("cpu"):
+            print(f"cpu: {env['cpu']}")
+        print(f"peak: {shown} = {peak_from}")
+        print(f"load average (1, 5, 15 min): {load_start} at start, {env['load_average_end']} at end")
+        print(format_table(results, unit=unit, reference=reference))
         if args.json:
             payload = {"backend": name, "config": recipe.name, "model": model, "img_size": recipe.model.img_size,
-                       "batch": batch, "steps": steps, "warmup": warmup, "precision": precision,
-                       "peak_tflops": peak, "zero_memory": bool(args.zero_memory), "environment": env,
+                       "batch": batch, "steps": steps, "warmup": warmup, "rounds": rounds, "precision": precision,
+                       "peak_tflops": peak, "peak_source": peak_from, "reference": reference,
+                       "zero_memory": bool(args.zero_memory), "environment": env,
                        "results": [asdict(r) for r in results]}
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(payload, indent=2))
@@ -313,17 +358,21 @@ def run_bench(args) -> int:
 
 
 def add_bench_parser(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="training throughput (images/s, TFLOP/s, MFU, memory)",
+    p = subparsers.add_parser("bench", help="training throughput (images/s, FLOP/s against the peak, memory)",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="vit-b16-ft", help="recipe name or YAML path (model, precision, optimizer)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--backend", default="gpu", choices=["auto", "cpu", "gpu", "ipu"])
     p.add_argument("--model", default=None, help="variant override, e.g. vit-l16")
     p.add_argument("--batch", type=int, default=None, help="micro-batch (default: the recipe's gpu one; cpu: 4)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; cpu: 2)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per round (default 20; cpu: 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; cpu: 1)")
-    p.add_argument("--providers", default=None, help=f"comma list from {','.join(PROVIDERS)}")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="timed rounds, providers in turns (default 1: one provider at a time; cpu: 3)")
+    p.add_argument("--providers", default=None,
+                   help=f"comma list from {','.join(PROVIDERS)} (default: all on gpu; ours,compile,timm on cpu)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak (default: known GPUs' 16-bit peak; the CPU's cores x clock x FLOP/cycle)")
     p.add_argument("--zero-memory", action="store_true", help="ViT-L/16 peak memory, ZeRO-3 vs stage 0")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

@@ -151,7 +151,8 @@ class DistributedConfig:
 class CPUConfig:
     micro_batch_size: int = 64
     gradient_accumulation: int = 0        # 0 = derived from global batch / (micro x world)
-    precision: str = "fp32"               # "fp32" or "bf16" (autocast)
+    precision: str = "auto"               # "auto" (bf16 where the CPU computes it natively), "fp32" or "bf16" (autocast)
+    compile: str = "auto"                 # "auto" (when the run repays the compile), "true" or "false": torch.compile
     threads: int = 0                      # 0 = torch's default
 
 
@@ -295,6 +296,8 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML's true/false for a switch that also takes "auto"
+            return "true" if value else "false"
     else:
         return value
     raise ConfigError(f"{path}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
@@ -559,7 +562,8 @@ def validate(r: Recipe, backends: Optional[List[str]] = None) -> None:
         check_augment_settings(r.data)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    _one_of("cpu.precision", r.cpu.precision, ("fp32", "bf16"))
+    _one_of("cpu.precision", r.cpu.precision, ("auto", "fp32", "bf16"))
+    _one_of("cpu.compile", r.cpu.compile, ("auto", "true", "false"))
     _one_of("gpu.precision", r.gpu.precision, ("bf16", "fp16", "fp32"))
     for k in ("attn_impl",):
         _one_of(f"gpu.{k}", getattr(r.gpu, k), ("triton", "sdpa", "eager"))

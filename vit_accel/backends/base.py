@@ -43,9 +43,11 @@ class Backend:
     name = "base"
 
     def __init__(self, recipe: Recipe):
-        self.recipe = recipe
+        self.recipe = recipe   # read by the backend itself (its section, batch, optimizer, distributed settings)
         self.model: Optional[torch.nn.Module] = None   # after setup: the model that trains (EMA follows it)
 
+    # Asked of the class, before any backend is built: `--backend auto` picks the first that can
+    # run, and an unavailable one exits 2 with this line (backends.resolve_backend).
     @classmethod
     def unavailable_reason(cls) -> Optional[str]:
         """None when the backend can run here, else one line: what is missing, what to do."""

@@ -20,6 +20,7 @@ import torch
 from ..config import Recipe
 from .base import BackendUnavailable
 from .cpu import CPUBackend
+from .cpu_choice import Choice
 
 
 def gpu_model_options(recipe: Recipe) -> Dict[str, Any]:
@@ -49,6 +50,10 @@ class GPUBackend(CPUBackend):
 
     def model_options(self) -> Dict[str, Any]:
         return gpu_model_options(self.recipe)
+
+    def _choose_settings(self):
+        """gpu.precision as set; gpu.compile compiles the whole model in setup."""
+        return Choice(self.section.precision, "gpu.precision"), None
 
     # -- placement and process group --------------------------------------------------------
     def select_device(self) -> torch.device:

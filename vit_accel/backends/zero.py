@@ -137,8 +137,7 @@ class DeepSpeedStrategy:
         import deepspeed
 
         self.backend = backend
-        sec = backend.section
-        self.precision = sec.precision
+        self.precision = backend.precision.precision   # resolved (cpu.precision may say "auto")
         if self.precision == "fp16" and backend.device.type != "cuda":
             raise ConfigError("fp16 with DeepSpeed needs a CUDA device (DeepSpeed refuses fp16 on CPU); "
                               "use precision bf16 or fp32")

@@ -1,13 +1,15 @@
-"""What a run leaves behind: progress bar, metrics.jsonl, TensorBoard, summary.json, curves.png."""
+"""What a run leaves behind: progress bar, metrics.jsonl, TensorBoard, schedule.json, summary.json, curves.png."""
 from __future__ import annotations
 
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .classeval import top_k
+from .schedule import Schedule
 
 
 class RunLog:
@@ -91,8 +93,33 @@ def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
     return out
 
 
+def write_schedule(run_dir: Path, schedule: Schedule) -> None:
+    """The resolved schedule (lengths in steps), from which every step's learning rate follows."""
+    (Path(run_dir) / "schedule.json").write_text(json.dumps(asdict(schedule), indent=2))
+
+
+def read_schedule(run_dir: Path) -> Optional[Schedule]:
+    path = Path(run_dir) / "schedule.json"
+    try:
+        return Schedule(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):   # a run of an older version, or a damaged file
+        return None
+
+
+def lr_curve(run_dir: Path, train: List[Dict[str, Any]]):
+    """(steps, rates): the schedule's rate of every optimizer step from 0 (schedule.json), or, for a
+    run directory without one, the rates of the logged steps."""
+    schedule = read_schedule(run_dir)
+    if schedule is not None:
+        return list(range(schedule.total_steps)), schedule.lrs()
+    return [r["step"] for r in train], [r["lr"] for r in train]
+
+
 def plot_curves(run_dir: Path, out: Optional[Path] = None) -> Path:
-    """Draw loss, validation accuracy and learning rate against step into curves.png."""
+    """Draw loss, validation accuracy and learning rate against step into curves.png.
+
+    The learning rate is the schedule's at every step from 0 (schedule.json); a run directory
+    without one draws the logged rates."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,7 +138,7 @@ def plot_curves(run_dir: Path, out: Optional[Path] = None) -> Path:
         axes[1].plot([r["step"] for r in val], [100 * (top_k(r)[1] or 0.0) for r in val], "s--", label=f"top-{k}")
         axes[1].legend()
     axes[1].set_title("validation accuracy (%)")
-    axes[2].plot([r["step"] for r in train], [r["lr"] for r in train], lw=1.2)
+    axes[2].plot(*lr_curve(run_dir, train), lw=1.2)
     axes[2].set_title("learning rate")
     for ax in axes:
         ax.set_xlabel("step")

@@ -35,7 +35,7 @@ from .resolve import Resolved, resolve_recipe
 from .rundir import list_checkpoints  # noqa: F401  (where tests and tools look for it)
 from .rundir import (check_resumable, completed_summary, last_logged, redone_steps, run_dir_and_checkpoint,
                      save_checkpoint, set_rng_state)
-from .runlog import RunLog, format_summary, plot_curves
+from .runlog import RunLog, format_summary, plot_curves, write_schedule
 from .saving import read_marker, writing
 from .schedule import build_schedule, needs_train_samples
 from .stop import StopSignals, Stopped
@@ -249,6 +249,7 @@ def _train_on(backend: Backend, resolved: Resolved, run_dir: Optional[str], resu
     log = RunLog(rd, total, run.step, enabled=main, progress=progress)
     if main:
         (rd / "recipe.yaml").write_text(recipe.to_yaml())
+        write_schedule(rd, run.schedule)   # curves.png draws the rate of every step from it
 
     if run.resumed is not None:
         log.write(run.resumed)
