@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+from testkit import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS, EVERY = 12, 4
@@ -27,12 +28,6 @@ def train_args(data_root, *extra: str) -> List[str]:
     for s in sets + list(extra):
         out += ["--set", s]
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env(**extra: str) -> Dict[str, str]:

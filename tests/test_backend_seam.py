@@ -93,7 +93,8 @@ def test_train_and_eval_release_the_backend_on_success_and_on_error(tmp_path, mo
     successful runs with SIGABRT ("terminate called without an active exception")."""
     from vit_accel.cli import main
     from vit_accel.config import load_recipe
-    from vit_accel.engine.trainer import list_checkpoints, train
+    from vit_accel.engine.rundir import list_checkpoints
+    from vit_accel.engine.trainer import train
 
     left = []
     monkeypatch.setattr(distributed, "leave_process_group", lambda: left.append(1))

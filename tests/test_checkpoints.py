@@ -12,6 +12,7 @@ from vit_accel.checkpoints import (FORMATS, CheckpointError, add_convert_parser,
                                    config_from_checkpoint, load_pretrained, model_from_checkpoint,
                                    resample_pos_embed, save_checkpoint)
 from vit_accel.model import ViT, create_vit
+from testkit import randomize
 
 TINY = dict(img_size=32, patch_size=8, depth=2, num_classes=7)
 
@@ -19,15 +20,8 @@ TINY = dict(img_size=32, patch_size=8, depth=2, num_classes=7)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _randomize(model, std=0.05):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * std)  # on top of the init: LayerNorm scales stay near 1
-    return model.eval()
-
-
 def _tiny(**kw) -> ViT:
-    return _randomize(create_vit("vit-ti16", **dict(TINY, **kw)))
+    return randomize(create_vit("vit-ti16", **dict(TINY, **kw)))
 
 
 def _logits(model, img=32, seed=1):
@@ -52,7 +46,7 @@ def _hf_model(hidden, heads, depth, img, patch, labels, bare=False):
     cfg = transformers.ViTConfig(hidden_size=hidden, num_hidden_layers=depth, num_attention_heads=heads,
                                  intermediate_size=4 * hidden, image_size=img, patch_size=patch, num_labels=labels)
     m = (transformers.ViTModel(cfg) if bare else transformers.ViTForImageClassification(cfg)).eval()
-    return _randomize(m, 0.1)  # perturb LayerNorms and biases too, so a swapped tensor shows
+    return randomize(m, 0.1)  # perturb LayerNorms and biases too, so a swapped tensor shows
 
 
 HF_SIZES = [(64, 4, 2, 32, 8, 7), (96, 3, 3, 48, 16, 13)]

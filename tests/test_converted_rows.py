@@ -27,6 +27,7 @@ from vit_accel.config import list_configs, load_recipe, vit_options
 from vit_accel.data.fastpath import eval_sample
 from vit_accel.data.transforms import eval_resize_size, eval_transform, normalize
 from vit_accel.model import ViT, create_vit
+from testkit import randomize
 
 timm = pytest.importorskip("timm", reason="timm is not installed (the environment issue installs it)")
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
@@ -102,13 +103,6 @@ def test_recipes_build_the_variant_they_name():
 
 # ----------------------------------------------------------------------------- timm parity per row
 
-def _randomize(model, std=0.05):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * std)
-    return model.eval()
-
-
 def _timm_row_model(row_name, **kw):
     if row_name == "vit_small_patch16_224":  # timm 0.3.2's, which today's registry replaced (see test_hybrid_parity)
         return VisionTransformer(patch_size=16, embed_dim=768, num_heads=8, mlp_ratio=3.0, qkv_bias=False,
@@ -123,7 +117,7 @@ def test_timm_row_logits_both_ways(tmp_path, recipe, row_name):
     checked in test_hybrid_parity (today's timm class cannot express it)."""
     r = load_recipe(recipe)
     small = dict(embed_dim=64, depth=1, num_heads=4)
-    ref = _randomize(_timm_row_model(row_name, img_size=r.model.img_size, **small))
+    ref = randomize(_timm_row_model(row_name, img_size=r.model.img_size, **small))
     torch.save(ref.state_dict(), tmp_path / "timm.pth")
     ours = create_vit(r.model.name, **dict(vit_options(r.model), width=64, depth=1, num_heads=4))
     rep = load_pretrained(ours, str(tmp_path / "timm.pth"))

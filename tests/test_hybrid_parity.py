@@ -15,6 +15,7 @@ from vit_accel.checkpoints import (CheckpointError, inspect_checkpoint, load_pre
                                    save_checkpoint)
 from vit_accel.hybrid import stem_counts
 from vit_accel.model import create_vit
+from testkit import randomize
 
 timm = pytest.importorskip("timm", reason="timm is not installed (the environment issue installs it)")
 from safetensors.torch import save_file  # noqa: E402
@@ -22,13 +23,6 @@ from timm.models.vision_transformer import VisionTransformer, _load_weights  # n
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL_HYBRID = dict(img_size=64, embed_dim=64, depth=2, num_heads=4, num_classes=10)
-
-
-def _randomize(model, std=0.05):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * std)  # GroupNorm/LayerNorm scales and biases move too
-    return model.eval()
 
 
 def _x(img, n=2, seed=3):
@@ -41,7 +35,7 @@ def _timm_hybrid(**kw):
 
 @pytest.mark.parametrize("ext", ["pth", "safetensors"])
 def test_timm_hybrid_file_gives_timm_logits_both_ways(tmp_path, ext):
-    ref = _randomize(_timm_hybrid(**SMALL_HYBRID))
+    ref = randomize(_timm_hybrid(**SMALL_HYBRID))
     path = tmp_path / ("timm." + ext)
     sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
     torch.save(sd, path) if ext == "pth" else save_file(sd, str(path))
@@ -58,7 +52,7 @@ def test_timm_hybrid_file_gives_timm_logits_both_ways(tmp_path, ext):
 
 
 def test_hybrid_position_grid_resamples(tmp_path):
-    ref = _randomize(_timm_hybrid(**SMALL_HYBRID))
+    ref = randomize(_timm_hybrid(**SMALL_HYBRID))
     torch.save(ref.state_dict(), tmp_path / "timm.pth")
     model = create_vit("vit-b16-r50", img_size=96, width=64, depth=2, num_heads=4, num_classes=10)
     rep = load_pretrained(model, str(tmp_path / "timm.pth"))
@@ -69,7 +63,7 @@ def test_hybrid_position_grid_resamples(tmp_path):
 def test_google_npz_of_the_hybrid_matches_timms_reader(tmp_path):
     """Ours written as Google's R50+ViT-B_16 .npz: timm's npz loader reads it into a timm hybrid with
     the same logits, and our reader reads it back."""
-    ours = _randomize(create_vit("vit-b16-r50", img_size=64, width=64, depth=2, num_heads=4, num_classes=10))
+    ours = randomize(create_vit("vit-b16-r50", img_size=64, width=64, depth=2, num_heads=4, num_classes=10))
     path = save_checkpoint(ours, tmp_path / "R50+ViT-B_16.npz", format="npz")
     ref = _timm_hybrid(**SMALL_HYBRID).eval()
     _load_weights(ref, path)
@@ -149,7 +143,7 @@ def _fold_scale(sd, width, heads, depth, factor):
 
 def test_original_small_vit_matches_timm_both_ways(tmp_path):
     kw = dict(img_size=32, depth=2, num_classes=10)
-    ref = _randomize(_orig_small_timm(**kw))
+    ref = randomize(_orig_small_timm(**kw))
     torch.save(ref.state_dict(), tmp_path / "vit_small_p16.pth")
     model = create_vit("vit-s16-orig", **kw)
     assert model.cfg.qk_scale == 768 ** -0.5
@@ -191,7 +185,7 @@ def test_kernel_ops_give_the_torch_ops_logits(name, kw):
     GELU; the stem stays torch convolutions) computes what the CPU path does: under the Triton
     interpreter here, on CUDA tensors where a GPU is present."""
     pytest.importorskip("triton")
-    ref = _randomize(create_vit(name, **kw))
+    ref = randomize(create_vit(name, **kw))
     fused = create_vit(name, attn_impl="triton", norm_impl="triton", mlp_impl="triton", **kw).eval()
     fused.load_state_dict(ref.state_dict())
     dev = "cuda" if torch.cuda.is_available() else "cpu"

@@ -312,7 +312,7 @@ def test_loader_wrapping(double):
 @pytest.mark.slow
 def test_cli_train_end_to_end(double, tmp_path, monkeypatch):
     from vit_accel.cli import main
-    from vit_accel.engine.trainer import list_checkpoints
+    from vit_accel.engine.rundir import list_checkpoints
 
     monkeypatch.chdir(tmp_path)                           # data/ (the digits shards) and runs/ go here
     run = tmp_path / "run"

@@ -10,7 +10,6 @@ checkpoint ends with the weights of the uninterrupted run.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -24,8 +23,9 @@ from vit_accel.config import ConfigError, load_recipe
 from vit_accel.data.digits import ensure_digits
 from vit_accel.data import EvalLoader
 from vit_accel.data import resolve_shards
-from vit_accel.engine.trainer import list_checkpoints
+from vit_accel.engine.rundir import list_checkpoints
 from vit_accel.model import ViTConfig, ViT
+from testkit import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INSTANCE = os.path.join(REPO, "tests", "ipu_instance.py")
@@ -35,19 +35,13 @@ ARGS = ["train", "--backend", "ipu", "--config", "vit-ti-digits", "--no-progress
         "--set", "ipu.loader_mode=async_rebatched", "--set", "ipu.buffer_size=2"]    # through the read-ahead feed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def poprun(cwd, extra, instances=2):
     """Start ``instances`` processes as poprun would, wait, return their outputs.
 
     Each writes to a file: with pipes, an instance blocked on a full pipe (torch 2.0.1 prints
     more warnings) while we wait on the other would leave that one waiting in a collective.
     """
-    port = _free_port()
+    port = free_port()
     procs, logs = [], []
     for i in range(instances):
         env = dict(os.environ, OMPI_COMM_WORLD_RANK=str(i), OMPI_COMM_WORLD_SIZE=str(instances),

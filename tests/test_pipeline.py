@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vit_accel.config import ConfigError, Recipe, load_recipe
+from vit_accel.config import ConfigError, load_recipe
 from vit_accel.backends import pipeline as pl
 from vit_accel.backends import pipeline_cost as cost
 from vit_accel.backends import stages

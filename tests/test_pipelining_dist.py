@@ -5,13 +5,13 @@ The workers are this file run as a script (`python tests/test_pipelining_dist.py
 so nothing depends on how pytest imports test modules.
 """
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from testkit import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCHEDULES = ("gpipe", "1f1b")
@@ -57,16 +57,10 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_stage_pipeline_step_equals_plain_step(tmp_path):
     pytest.importorskip("torch.distributed.pipelining")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     procs = [subprocess.Popen([sys.executable, __file__, str(r), "2", str(port), str(tmp_path)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]

@@ -8,7 +8,8 @@ import math
 import pytest
 
 from vit_accel.config import ConfigError, ScheduleConfig, load_recipe
-from vit_accel.engine.schedule import SCHEDULES, build_schedule, lr_at, steps_per_epoch
+from vit_accel.config import SCHEDULES
+from vit_accel.engine.schedule import build_schedule, lr_at, steps_per_epoch
 
 IMAGENET = 1_281_167
 

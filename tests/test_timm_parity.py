@@ -7,17 +7,11 @@ import pytest
 import torch
 
 from vit_accel.checkpoints import model_from_checkpoint, save_checkpoint
+from testkit import randomize
 
 timm = pytest.importorskip("timm", reason="timm is not installed: pip install -e '.[test]' (or '.[timm]')")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _randomize(model, std=0.1):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * std)  # perturb LayerNorms and biases too, so a swapped tensor shows
-    return model.eval()
 
 
 TIMM_MODELS = [("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2, num_classes=7)),
@@ -27,7 +21,7 @@ TIMM_MODELS = [("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2,
 @pytest.mark.parametrize("name, kw", TIMM_MODELS + [("vit_base_patch16_224", {"img_size": 224})],
                          ids=["tiny-small", "small-avg-small", "base-224-full-size"])
 def test_timm_model_loads_with_equal_logits(tmp_path, name, kw):
-    ref = _randomize(timm.create_model(name, pretrained=False, **kw), 0.1)
+    ref = randomize(timm.create_model(name, pretrained=False, **kw), 0.1)
     torch.save(ref.state_dict(), tmp_path / "timm.pth")
     model, report = model_from_checkpoint(tmp_path / "timm.pth")
     assert report.format == "timm" and not report.missing and not report.unexpected and not report.dropped

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from vit_accel.config import ConfigError, Recipe
 from vit_accel.model import create_vit
+from testkit import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -128,12 +128,6 @@ def test_config_is_accepted_by_deepspeed():
 # Two CPU processes under torchrun
 # ---------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
@@ -156,7 +150,7 @@ def _run(cmd, cwd, timeout):
 
 def _torchrun(*args):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(_free_port()), *map(str, args)]
+            "--master_port", str(free_port()), *map(str, args)]
 
 
 RUNS = ["-1:fp32", "0:fp32", "1:fp32", "2:fp32", "3:fp32", "3:bf16"]
@@ -348,7 +342,7 @@ def test_launch_scripts_parse_and_have_a_usage_header(script):
 def _launch(script, env_extra, *args):
     env = _env()
     env.update(PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""), PYTHON=sys.executable,
-               MASTER_PORT=str(_free_port()), **env_extra)
+               MASTER_PORT=str(free_port()), **env_extra)
     return subprocess.run(["bash", str(ROOT / "launch" / script), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=180)
 

@@ -1,6 +1,5 @@
 """Validation under ZeRO-3 with shards split unevenly over 2 gloo ranks: same forward calls, each sample once."""
 import json
-import sys
 from pathlib import Path
 
 import pytest

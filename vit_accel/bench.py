@@ -42,13 +42,12 @@ import torch
 
 from .bench_report import Result, device_peak, environment, format_table, load_average
 from .config import Recipe, load_recipe, vit_options
+from .model import PORTABLE_OPS
 
 PROVIDERS = ("ours", "eager", "sdpa", "compile", "timm")
 # op choices of the providers that are not the backend's own
-_OPS = {"eager": dict(attn_impl="eager", norm_impl="torch", mlp_impl="torch"),
-        "sdpa": dict(attn_impl="sdpa", norm_impl="torch", mlp_impl="torch"),
-        "compile": dict(attn_impl="sdpa", norm_impl="torch", mlp_impl="torch"),
-        "timm": dict(attn_impl="sdpa", norm_impl="torch", mlp_impl="torch")}
+_OPS = {"eager": dict(PORTABLE_OPS, attn_impl="eager"), "sdpa": dict(PORTABLE_OPS),
+        "compile": dict(PORTABLE_OPS), "timm": dict(PORTABLE_OPS)}
 
 
 # ---------------------------------------------------------------------------------------

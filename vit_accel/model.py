@@ -42,6 +42,9 @@ ATTN_IMPLS = ("eager", "sdpa", "triton")
 NORM_IMPLS = ("torch", "triton")
 MLP_IMPLS = ("torch", "triton")
 
+# Ops every torch runs (no Triton, no device): a backend's default and what checkpoints record
+PORTABLE_OPS = {"attn_impl": "sdpa", "norm_impl": "torch", "mlp_impl": "torch"}
+
 
 @dataclass
 class ViTConfig:
@@ -86,7 +89,8 @@ class ViTConfig:
         check(self.width % self.num_heads == 0,
               f"width {self.width} is not divisible by num_heads {self.num_heads}")
         check(self.global_pool in ("token", "avg"), f"global_pool must be 'token' or 'avg', got {self.global_pool!r}")
-        check(self.gelu_approximate in ("none", "tanh"), f"gelu_approximate must be 'none' or 'tanh'")
+        check(self.gelu_approximate in ("none", "tanh"),
+              f"gelu_approximate must be 'none' or 'tanh', got {self.gelu_approximate!r}")
         check(self.attn_impl in ATTN_IMPLS, f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
         check(self.norm_impl in NORM_IMPLS, f"norm_impl must be one of {NORM_IMPLS}, got {self.norm_impl!r}")
         check(self.mlp_impl in MLP_IMPLS, f"mlp_impl must be one of {MLP_IMPLS}, got {self.mlp_impl!r}")
@@ -123,10 +127,23 @@ class ViTConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def portable_dict(self) -> dict:
+        """``to_dict`` with the ops torch runs anywhere (what a checkpoint records: eval/convert anywhere)."""
+        return dict(self.to_dict(), **PORTABLE_OPS)
+
     @classmethod
     def from_dict(cls, d: dict) -> "ViTConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare ViT inside DDP / DeepSpeed / torch.compile / PopTorch wrappers (their ``module``, ``_orig_mod`` or ``model``)."""
+    for attr in ("module", "_orig_mod", "model"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, torch.nn.Module) and inner is not model:
+            return unwrap(inner)
+    return model
 
 
 def vit_config(name: str, **overrides) -> ViTConfig:

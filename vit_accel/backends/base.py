@@ -21,7 +21,8 @@ import torch
 
 from ..config import Recipe
 from ..engine import distributed
-from ..engine.saving import atomic_save, current_writer  # noqa: F401  (atomic_save: where callers look)
+from ..engine.saving import current_writer
+from ..model import PORTABLE_OPS, unwrap
 
 
 class BackendUnavailable(RuntimeError):
@@ -55,7 +56,7 @@ class Backend:
 
     def model_options(self) -> Dict[str, Any]:
         """Op choices passed to ``create_vit`` (same parameters whatever they are)."""
-        return {"attn_impl": "sdpa", "norm_impl": "torch", "mlp_impl": "torch"}
+        return dict(PORTABLE_OPS)
 
     def setup(self, model: torch.nn.Module) -> None:
         """Place the model, build the optimizer from the recipe, wrap both."""
@@ -156,12 +157,3 @@ def read_checkpoint(path: Path, trust: bool, backend_name: str) -> Dict[str, Any
     if payload.get("backend", backend_name) != backend_name:
         payload["optimizer"] = None
     return payload
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare ViT inside DDP / DeepSpeed / torch.compile / PopTorch wrappers."""
-    for attr in ("module", "_orig_mod", "model"):
-        inner = getattr(model, attr, None)
-        if isinstance(inner, torch.nn.Module) and inner is not model:
-            return unwrap(inner)
-    return model

@@ -21,7 +21,8 @@ from ..engine import distributed
 from ..engine.loss import training_loss
 from ..engine.optim import build_optimizer, set_lr
 from ..model import vit_config
-from .base import Backend, StepResult, full_weights, read_checkpoint, unwrap, write_checkpoint
+from ..model import unwrap
+from .base import Backend, StepResult, full_weights, read_checkpoint, write_checkpoint
 from .cpu_choice import Choice, choose_compile, choose_precision
 from .precision import precision_for
 

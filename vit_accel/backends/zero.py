@@ -45,7 +45,8 @@ from ..config import ConfigError, Recipe, batch_split
 from ..engine import distributed
 from ..engine.optim import set_lr
 from ..engine.saving import current_writer, fsync_tree, read_marker
-from .base import StepResult, read_checkpoint, unwrap, write_checkpoint
+from ..model import unwrap
+from .base import StepResult, read_checkpoint, write_checkpoint
 from .zero_state import full_optimizer_state, load_full_state, record_groups
 
 # DeepSpeed prints its own progress every `steps_per_print` steps; the trainer logs instead.
@@ -119,7 +120,7 @@ class _EvalView(torch.nn.Module):
 
     def __init__(self, engine, dtype: torch.dtype):
         super().__init__()
-        self.module = engine          # named so base.unwrap() finds the ViT inside
+        self.module = engine          # named so model.unwrap() finds the ViT inside
         self.dtype = dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,9 +238,7 @@ class DeepSpeedStrategy:
         extra = dict(extra, deepspeed={"dir": ds_dir.name if shards else None, "tag": tag,
                                        "zero_stage": self.zero_stage, "world_size": distributed.world_size()})
         if "vit_config" not in extra:
-            cfg = unwrap(self.engine.module).cfg.to_dict()
-            cfg.update(attn_impl="sdpa", norm_impl="torch", mlp_impl="torch")  # portable ops
-            extra["vit_config"] = cfg
+            extra["vit_config"] = unwrap(self.engine.module).cfg.portable_dict()
         optimizer = full_optimizer_state(self.engine, self.groups)
         return write_checkpoint(path, self.model_state_dict(), optimizer, extra, b.name)
 

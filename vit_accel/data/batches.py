@@ -15,7 +15,7 @@ one. Python 3.8 / torch 2.0 compatible.
 from __future__ import annotations
 
 import random
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 

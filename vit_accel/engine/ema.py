@@ -43,7 +43,7 @@ def check_ema_backend(recipe: Any, backend_name: str) -> None:
 
 def ema_parameters(backend: Any) -> "OrderedDict[str, torch.Tensor]":
     """The trained weights the EMA follows (under ZeRO 0-2 the DeepSpeed engine trains this same module)."""
-    from ..backends.base import unwrap
+    from ..model import unwrap
 
     module = unwrap(backend.model)
     return OrderedDict((n, p) for n, p in module.named_parameters())

@@ -15,16 +15,18 @@ import random
 import re
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
-from ..backends import Backend
 from ..config import ConfigError, Recipe, vit_options
 from . import distributed
 from .ema import ModelEMA
 from .saving import current_writer, marker_path, read_marker, write_marker
+
+if TYPE_CHECKING:  # the trainer hands its backend in; the engine's helpers never build one
+    from ..backends import Backend
 
 CKPT_RE = re.compile(r"step_(\d+)\.pt$")
 # what a checkpoint's weights and schedule depend on: a resume that changes one is refused
@@ -239,15 +241,13 @@ def save_checkpoint(backend: Backend, recipe: Recipe, run_dir: Path, step: int, 
     newest ``train.keep_checkpoints``. Collective. Asynchronous writes (``train.async_checkpoint``)
     finish the marker and the pruning in the background. ``class_names`` travel in its
     ``vit_config`` (what predict prints, convert writes)."""
-    from ..model import ViTConfig  # noqa: F401  (documented: vit_config is ViTConfig.to_dict())
-
     path = Path(run_dir) / "checkpoints" / f"step_{step:07d}.pt"
     data_state = loader.state_dict()
     if distributed.is_distributed():
         # every rank's own position (its streams); a resume on any layout picks each stream's from its reader
         data_state = {"per_rank": distributed.all_gather_object(data_state)}
     extra = {"step": step, "data": data_state, "rng": rng_state(), "recipe": recipe.to_dict(),
-             "vit_config": create_vit_config_dict(recipe, backend, class_names), "skipped_steps": dict(skips or {})}
+             "vit_config": create_vit_config_dict(recipe, class_names), "skipped_steps": dict(skips or {})}
     if ema is not None:
         extra["ema"] = ema.state_dict()
     if distributed.is_main() and marker_path(path).exists():
@@ -270,13 +270,12 @@ def save_checkpoint(backend: Backend, recipe: Recipe, run_dir: Path, step: int, 
     return path
 
 
-def create_vit_config_dict(recipe: Recipe, backend: Optional[Backend], class_names=()) -> Dict[str, Any]:
-    """The ViTConfig of the trained model with portable (torch) ops, for eval/convert anywhere."""
+def create_vit_config_dict(recipe: Recipe, class_names=()) -> Dict[str, Any]:
+    """The ViTConfig of the trained model (``ViTConfig.to_dict``) with portable (torch) ops, for
+    eval/convert anywhere."""
     from ..model import vit_config
 
-    cfg = vit_config(recipe.model.name, class_names=tuple(class_names), **vit_options(recipe.model)).to_dict()
-    cfg.update(attn_impl="sdpa", norm_impl="torch", mlp_impl="torch")
-    return cfg
+    return vit_config(recipe.model.name, class_names=tuple(class_names), **vit_options(recipe.model)).portable_dict()
 
 
 def _remove(path: Path) -> None:

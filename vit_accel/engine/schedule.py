@@ -41,7 +41,7 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional
 
-from ..config import SCHEDULES, ScheduleConfig, check_schedule, is_whole  # noqa: F401  (SCHEDULES: the kinds these compute)
+from ..config import ScheduleConfig, check_schedule, is_whole
 from ..errors import ConfigError
 
 # fvcore's ParamScheduler.WHERE_EPSILON: the composite scheduler switches when where + eps > boundary

@@ -32,7 +32,6 @@ from .ema import ModelEMA, check_ema_backend, ema_parameters
 from .mixing import micro_batch_mix
 from .optim import check_optim_backend
 from .resolve import Resolved, resolve_recipe
-from .rundir import list_checkpoints  # noqa: F401  (where tests and tools look for it)
 from .rundir import (check_resumable, completed_summary, last_logged, redone_steps, run_dir_and_checkpoint,
                      save_checkpoint, set_rng_state)
 from .runlog import RunLog, format_summary, plot_curves, write_schedule
