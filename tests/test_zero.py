@@ -277,7 +277,9 @@ E2E = ["--config", "vit-ti-digits", "--no-progress", "--set", "schedule.total_st
        "--set", "train.global_batch_size=32", "--set", "cpu.micro_batch_size=8", "--set", "gpu.micro_batch_size=8",
        "--set", "ipu.gradient_accumulation=2", "--set", "model.depth=2", "--set", "train.log_every=1",
        "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0", "--set", "data.workers=0",
-       "--set", "train.eval_batch_size=64", "--set", "data.mixup=0.8", "--set", "data.cutmix=1.0"]  # per micro-batch
+       "--set", "train.eval_batch_size=64", "--set", "data.mixup=0.8", "--set", "data.cutmix=1.0",  # per micro-batch
+       # one precision for DDP and every ZeRO stage (auto: bf16 on a native-bf16 CPU, fp32 under ZeRO)
+       "--set", "cpu.precision=fp32"]
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..backends import Backend, create_backend
+from ..backends import Backend, create_backend  # the trainer is the one engine module that builds a backend
 from ..config import ConfigError, Recipe, vit_options
 from ..model import ViT, create_vit
 from . import distributed
