@@ -39,7 +39,7 @@ envs:
 CLUSTER_TESTS := tests/test_cluster.py
 
 test: envs lint-py38
-	env $(INTERP) $(PY) -m pytest -q -rs -n $(JOBS) --dist worksteal --ignore=$(CLUSTER_TESTS) tests
+	env $(INTERP) $(PY) -m pytest -q -rs -n $(JOBS) --dist worksteal --durations=25 --ignore=$(CLUSTER_TESTS) tests
 	$(PY) -m pytest -q -rs -n $(JOBS) --dist worksteal $(CLUSTER_TESTS)
 	$(MAKE) test-torch20
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, List, Tuple
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -137,7 +138,15 @@ class EvalLoader:
             else:
                 pending[0] = (images[take:], labels[take:], keys[take:])
             need -= take
-        images = parts_i[0] if len(parts_i) == 1 else torch.cat(parts_i)
+        images = parts_i[0] if len(parts_i) == 1 else host_cat(parts_i)
         labels = parts_l[0] if len(parts_l) == 1 else torch.cat(parts_l)
         out = (images.contiguous(), labels)
         return out + (parts_k,) if self.return_keys else out
+
+
+def host_cat(parts: List[torch.Tensor]) -> torch.Tensor:
+    """torch.cat along dim 0; on the host with numpy's single-threaded copy (torch's intra-op threads
+    would wait on cores the loader workers keep busy)."""
+    if parts[0].device.type != "cpu":
+        return torch.cat(parts)
+    return torch.from_numpy(np.concatenate([p.numpy() for p in parts]))

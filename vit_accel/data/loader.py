@@ -332,10 +332,15 @@ class TrainLoader:
         labels = torch.empty((o.batch_size,), dtype=torch.int64)
         keys = [""] * o.batch_size
         slot = {v: i for i, v in enumerate(o.rank_streams)}
+        # On the host, numpy's single-threaded copies: torch's intra-op threads would wait on cores the
+        # workers keep busy (measured, 2 cores, 2 workers: 35-70 ms per 224 px batch of 64 against 10 ms).
+        host = images.device.type == "cpu"
+        out = images.numpy() if host else images
         for k, (im, lab, ks, _) in enumerate(parts):
+            src_images = im.numpy() if host else im
             for j, v in enumerate(o.rank_streams[k::o.readers]):
                 dst, src = slot[v] * q, j * q
-                images[dst:dst + q] = im[src:src + q]
+                out[dst:dst + q] = src_images[src:src + q]
                 labels[dst:dst + q] = lab[src:src + q]
                 keys[dst:dst + q] = ks[src:src + q]
         return images, labels, keys
