@@ -17,7 +17,7 @@ def _on_meta(name, **kw) -> ViT:
         return create_vit(name, **kw)
 
 
-def _randomize(model: ViT) -> ViT:
+def _seeded_weights(model: ViT) -> ViT:
     """The default init zeroes the head; random weights make every comparison meaningful."""
     gen = torch.Generator().manual_seed(0)  # the same weights whatever ran before
     with torch.no_grad():
@@ -80,7 +80,7 @@ def test_wrong_input_size_is_a_clear_error():
 
 
 def test_eager_and_sdpa_give_the_same_logits():
-    eager = _randomize(create_vit("vit-ti16", attn_impl="eager", **TINY))
+    eager = _seeded_weights(create_vit("vit-ti16", attn_impl="eager", **TINY))
     sdpa = create_vit("vit-ti16", attn_impl="sdpa", **TINY).eval()
     sdpa.load_state_dict(eager.state_dict())
     x = torch.randn(2, 3, 32, 32)
@@ -91,7 +91,7 @@ def test_eager_and_sdpa_give_the_same_logits():
 
 
 def test_global_pool_avg_pools_patch_tokens():
-    m = _randomize(create_vit("vit-ti16", global_pool="avg", **TINY))
+    m = _seeded_weights(create_vit("vit-ti16", global_pool="avg", **TINY))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         feats = m.forward_features(x)
@@ -115,7 +115,7 @@ def test_representation_size_adds_pre_logits():
     extra = set(rep.state_dict()) - set(plain.state_dict())
     assert extra == {"pre_logits.fc.weight", "pre_logits.fc.bias"}
     assert rep.head.weight.shape == (7, 96)
-    _randomize(rep)
+    _seeded_weights(rep)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = rep.head(torch.tanh(rep.pre_logits.fc(rep.forward_features(x)[:, 0])))
@@ -123,7 +123,7 @@ def test_representation_size_adds_pre_logits():
 
 
 def test_num_classes_zero_returns_features():
-    m = _randomize(create_vit("vit-ti16", **dict(TINY, num_classes=0)))
+    m = _seeded_weights(create_vit("vit-ti16", **dict(TINY, num_classes=0)))
     x = torch.randn(2, 3, 32, 32)
     assert not any(k.startswith("head.") for k in m.state_dict())
     with torch.no_grad():
@@ -183,7 +183,7 @@ def test_triton_ops_match_torch_ops():
     ok, why = _kernels_importable()
     if not ok:
         pytest.skip(why)
-    ref = _randomize(create_vit("vit-ti16", **TINY))
+    ref = _seeded_weights(create_vit("vit-ti16", **TINY))
     tri = create_vit("vit-ti16", attn_impl="triton", norm_impl="triton", mlp_impl="triton", **TINY).eval()
     tri.load_state_dict(ref.state_dict())
     x = torch.randn(2, 3, 32, 32)
@@ -250,7 +250,7 @@ def test_drop_path_unit():
 
 
 def test_drop_path_train_vs_eval():
-    m = _randomize(create_vit("vit-ti16", drop_path_rate=0.5, **TINY))
+    m = _seeded_weights(create_vit("vit-ti16", drop_path_rate=0.5, **TINY))
     ref = create_vit("vit-ti16", **TINY).eval()
     ref.load_state_dict(m.state_dict())
     x = torch.randn(8, 3, 32, 32)

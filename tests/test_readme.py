@@ -478,11 +478,11 @@ def _argv_for_run(cmd: str, ws: Path) -> List[str]:
         argv += [x for s in scale for x in ("--set", s)]
         argv += ["--no-progress"] if argv[0] == "train" else []
     if tok[0] == "torchrun":
-        from test_zero import _free_port
+        from testkit import free_port
 
         launcher = tok[1:tok.index("-m")]
         return [sys.executable, "-m", "torch.distributed.run", "--master_addr", "127.0.0.1",
-                "--master_port", str(_free_port())] + launcher + ["-m", "vit_accel"] + argv
+                "--master_port", str(free_port())] + launcher + ["-m", "vit_accel"] + argv
     return [sys.executable, "-m", "vit_accel"] + argv
 
 
