@@ -23,7 +23,10 @@ def train_args(data_root, *extra: str) -> List[str]:
     """`vit-accel train` of a tiny digits run: 12 steps of 32 images, a checkpoint every 4."""
     sets = [f"data.root={data_root}", "model.depth=1", "train.global_batch_size=32", f"schedule.total_steps={STEPS}",
             "schedule.warmup_steps=2", "train.eval_every=0", f"train.checkpoint_every={EVERY}",
-            "train.keep_checkpoints=0", "data.workers=0", "train.log_every=1", "train.eval_batch_size=360"]
+            "train.keep_checkpoints=0", "data.workers=0", "train.log_every=1", "train.eval_batch_size=360",
+            # fp32: runs on 1, 2 and 3 processes and under ZeRO agree to 1e-5 (bf16 autocast, auto's
+            # choice on a native-bf16 CPU, rounds each process's half-batch differently; ZeRO is fp32)
+            "cpu.precision=fp32"]
     out = ["train", "--config", "vit-ti-digits", "--no-progress"]
     for s in sets + list(extra):
         out += ["--set", s]

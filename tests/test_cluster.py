@@ -241,7 +241,9 @@ def test_slurm_signal_requeues_the_job_which_ends_with_the_uninterrupted_weights
     assert slurm.job(job)["JobState"] == "RUNNING", log.read_text()[-3000:]
     assert slurm.run("scancel", "--signal=USR1", "--batch", job).returncode == 0
     _until("requeued", lambda: slurm.job(job).get("Restarts") == "1" and slurm.job(job).get("JobState") == "PENDING")
-    slurm.run("scontrol", "update", f"jobid={job}", "starttime=now")   # a requeued job waits a while otherwise
+    # A requeued job waits about two minutes; start it sooner, but not in the second its first run was
+    # killed: slurmd refuses credentials issued then ("Job credential revoked") and the job FAILS.
+    slurm.run("scontrol", "update", f"jobid={job}", "starttime=now+5")
     state = _until("the requeued job's end", lambda: slurm.job(job).get("JobState") in ("COMPLETED", "FAILED",
                                                                                        "CANCELLED", "TIMEOUT")
                    and slurm.job(job))
@@ -251,3 +253,30 @@ def test_slurm_signal_requeues_the_job_which_ends_with_the_uninterrupted_weights
     assert "restart 1" in out and "resumed from" in out
     assert worst(weights(rd), weights(pair)) == 0.0
     assert records(rd, "resume")[-1]["redone_steps"] == 0
+
+
+def test_each_torchrun_attempt_meets_only_its_own_processes(monkeypatch):
+    """torchrun keeps one store across the restarts of a group; a restarted group must not read the
+    addresses its dead predecessor wrote there (it would wait in gloo's connect for 30 minutes)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from vit_accel.engine import distributed
+
+    port = free_port()
+    agent = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=30))   # the agent's
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    assert distributed._attempt_store() is None                      # not under torchrun: env:// as usual
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    first = distributed._attempt_store()
+    first.set("rank_0", "127.0.0.1:40001")                           # the first attempt's rank 0
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    second = distributed._attempt_store()
+    assert second.check(["rank_0"]) is False                         # the restarted group does not see it
+    second.set("rank_0", "127.0.0.1:40002")
+    assert first.get("rank_0") == b"127.0.0.1:40001" and second.get("rank_0") == b"127.0.0.1:40002"
+    assert agent.num_keys() >= 2

@@ -121,7 +121,31 @@ def barrier() -> None:
 def join_process_group(backend: str) -> None:
     """Join the group that torchrun / the deepspeed launcher describes (``WORLD_SIZE`` > 1), if any."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        store = _attempt_store()
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]))
+
+
+def _attempt_store() -> Any:
+    """torchrun's store, its keys under this attempt's prefix; None outside torchrun.
+
+    torchrun serves one store at MASTER_ADDR:MASTER_PORT for every restart of a group (its static
+    rendezvous keeps the store across attempts), and torch's env:// handler no longer prefixes the
+    keys by attempt (torch 2.14). A restarted group then reads the dead group's addresses and waits
+    in gloo's connect until the 30 minute timeout. Under the prefix ``vit-accel/attempt_N``
+    (``TORCHELASTIC_RESTART_COUNT``) every attempt meets only its own processes.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from datetime import timedelta
+
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(minutes=30))
+    return dist.PrefixStore("vit-accel/attempt_%s" % attempt, store)
 
 
 _WAS_IN_GROUP = False
