@@ -1,5 +1,6 @@
 """Shared pytest setup: the Triton interpreter on machines without CUDA, seeds, temp dirs."""
 import os
+import sys
 
 # Must be set before any module defining @triton.jit kernels is imported.
 try:
@@ -11,6 +12,12 @@ except Exception:  # pragma: no cover
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(__file__), "..", "build", "torch_extensions"))
+# One ninja for every process that builds DeepSpeed's CPU op into that folder: the environment's
+# own (pip's ninja 1.13) first on PATH. Processes started with the system's ninja 1.11 beside it
+# read each other's build log as "command line changed" and rebuild the op (30-80 s) in turn.
+_BIN = os.path.dirname(sys.executable)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
 # Under pytest-xdist every worker is one of several processes sharing the cores: one intra-op thread
 # each (and in the processes its tests start) instead of every worker oversubscribing them all.
 if os.environ.get("PYTEST_XDIST_WORKER"):

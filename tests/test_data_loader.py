@@ -447,3 +447,34 @@ def test_three_processes_resume_a_two_process_run_when_they_divide_the_streams(s
     with pytest.raises(DataError, match=r"data.streams \(auto: 8\) cannot be split evenly over 3 processes.*"
                                         r"runs \(and resumes\) on 1, 2, 4, 8 processes"):
         build_train_loader(cfg(train_shards=shards8), IMG, 16, 0, rank=2, world_size=3)
+
+
+def test_batch_ring_slots_wait_for_release_and_workers_write_in_place(shards8):
+    import threading
+    import time
+
+    from vit_accel.data.batches import BatchRing
+
+    ring = BatchRing(readers=2, slots=3, part_size=4, img_size=IMG)
+    assert ring.images.is_shared() and ring.labels.is_shared() and ring.busy.is_shared()
+    assert [ring.claim(1, c) for c in (0, 1, 2)] == [0, 1, 2]
+    assert ring.claim(0, 3) == 0  # each reader has its own slots
+    done = []
+    waiter = threading.Thread(target=lambda: done.append(ring.claim(1, 3)))
+    waiter.start()
+    time.sleep(0.1)
+    assert not done  # call 3 reuses slot 0, which the main process still holds
+    ring.release(1, 0)
+    waiter.join(timeout=10)
+    assert done == [0]
+
+    # with workers, the batch is copied out of the ring: a batch kept by the caller is never overwritten
+    ld = TrainLoader(resolve_shards(shards8), IMG, 8, 0, workers=2, prefetch_factor=1)
+    it = iter(ld)
+    kept = [next(it) for _ in range(ld.batches_per_epoch + 3)]
+    assert not any(images.is_shared() for images, _ in kept)
+    ref = TrainLoader(resolve_shards(shards8), IMG, 8, 0, workers=0)
+    ref_it = iter(ref)
+    for images, labels in kept:
+        want_images, want_labels = next(ref_it)
+        assert torch.equal(images, want_images) and torch.equal(labels, want_labels)

@@ -20,6 +20,7 @@ import argparse
 import functools
 import glob
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -486,15 +487,57 @@ def _argv_for_run(cmd: str, ws: Path) -> List[str]:
     return [sys.executable, "-m", "vit_accel"] + argv
 
 
+class CliServer:
+    """`python -m vit_accel ARGV` in a fork of one process that imported torch and the package once
+    (tests/cli_server.py): the same entry point, arguments, folder and environment, without an
+    interpreter start per command. Launchers (torchrun) still start their own processes."""
+
+    def __init__(self, env: dict, folder: Path):
+        self.folder = folder
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("cli_server.py"))], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.count = 0
+
+    def run(self, argv: List[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+        self.count += 1
+        out, err = (self.folder / f"cmd{self.count}.{s}" for s in ("out", "err"))
+        request = dict(argv=argv, cwd=str(cwd), stdout=str(out), stderr=str(err), timeout=timeout)
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, "tests/cli_server.py ended (exit %s)" % self.proc.poll()
+        answer = json.loads(line)
+        assert not answer["timed_out"], f"timed out after {timeout} s: {argv}"
+        return subprocess.CompletedProcess(argv, answer["returncode"], out.read_text(), err.read_text())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
 @pytest.mark.slow
-def test_readme_cpu_commands_run(workspace):
+def test_readme_cpu_commands_run(workspace, tmp_path):
     from test_zero import _env
 
     cmds = _runnable()
     assert any(c.startswith("torchrun") for _, c in cmds) and any("eval" in c for _, c in cmds)
+    server = CliServer(_env(), tmp_path)
+    try:
+        _run_commands(cmds, workspace, server)
+    finally:
+        server.close()
+    assert server.count >= len(cmds) // 2, server.count  # most commands run in the server's forks
+
+
+def _run_commands(cmds: List[Tuple[int, str]], workspace: Path, server: CliServer) -> None:
+    from test_zero import _env
+
     for line, cmd in cmds:
         argv = _argv_for_run(cmd, workspace)
-        p = subprocess.run(argv, cwd=workspace, env=_env(), capture_output=True, text=True, timeout=600)
+        if argv[:3] == [sys.executable, "-m", "vit_accel"]:
+            p = server.run(argv[3:], workspace, timeout=600)
+        else:
+            p = subprocess.run(argv, cwd=workspace, env=_env(), capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, f"README line {line}: {cmd}\n{' '.join(argv)}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
         assert "Traceback" not in p.stderr, f"README line {line}: {cmd}\n{p.stderr[-3000:]}"
         if cmd.startswith("torchrun"):   # the recipe's global batch, reached on this many processes

@@ -15,6 +15,7 @@ one. Python 3.8 / torch 2.0 compatible.
 from __future__ import annotations
 
 import random
+import time
 from typing import Any, Optional, Sequence, Tuple
 
 import torch
@@ -40,16 +41,50 @@ def shared_uint8(shape: Sequence[int], shared: bool) -> torch.Tensor:
 
 
 class PixelBatch:
-    """B decoded, cropped, flipped (and augmented) images, written slot by slot."""
+    """B decoded, cropped, flipped (and augmented) images, written slot by slot (into `images` when given)."""
 
-    def __init__(self, batch_size: int, img_size: int, shared: bool):
+    def __init__(self, batch_size: int, img_size: int, shared: bool, images: Optional[torch.Tensor] = None):
         self.img_size = img_size
-        self.images = shared_uint8((batch_size, 3, img_size, img_size), shared)
+        self.images = shared_uint8((batch_size, 3, img_size, img_size), shared) if images is None else images
 
     def put(self, n: int, data: bytes, rng: random.Random, scale: Sequence[float], ratio: Sequence[float],
             interpolation: str, hflip: float, decoder: str, augment: Any) -> None:
         """Slot n <- one sample (DecodeError when the bytes are no complete image; the slot is then reused)."""
         train_sample(data, self.images[n], self.img_size, rng, scale, ratio, interpolation, hflip, decoder, augment)
+
+
+class BatchRing:
+    """Shared-memory slots that loader workers write their parts of pixel batches into, reused.
+
+    A fresh shared segment per part costs its pages twice (zero-filled on the worker's first write,
+    mapped again in the main process): about 20 ms of CPU per 224 px batch of 64, as much as a
+    sixth of the decoding. The ring is allocated once per epoch's workers: reader r writes call c
+    into slot c % slots once the main process has released that slot, and ships only keys and
+    positions; the main process copies the slot out (pages already mapped) and releases it. A
+    reader waits for a slot only when the main process is `slots` parts behind it, which the
+    DataLoader's prefetch limit (prefetch_factor parts per worker) never lets happen when
+    slots > prefetch_factor + 1.
+    """
+
+    def __init__(self, readers: int, slots: int, part_size: int, img_size: int):
+        self.slots = slots
+        self.images = shared_uint8((readers, slots, part_size, 3, img_size, img_size), True)
+        self.labels = torch.zeros((readers, slots, part_size), dtype=torch.int64).share_memory_()
+        self.busy = torch.zeros((readers, slots), dtype=torch.int32).share_memory_()
+
+    def claim(self, reader: int, call: int, poll: float = 0.001) -> int:
+        """The slot reader `reader` writes call `call` into, once the main process has released it."""
+        k = call % self.slots
+        while int(self.busy[reader, k]):
+            time.sleep(poll)
+        self.busy[reader, k] = 1
+        return k
+
+    def part(self, reader: int, slot: int, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.images[reader, slot, :n], self.labels[reader, slot, :n]
+
+    def release(self, reader: int, slot: int) -> None:
+        self.busy[reader, slot] = 0
 
 
 class EncodedImages:

@@ -55,7 +55,7 @@ from .augment import SampleAugment
 from .reader import (DataError, ResumeMismatch, ShardList, plan_streams, resampled_shards, samples_per_stream,
                      stream_records)
 from .samples import BadSampleStats, Opts, ReaderTally, bad_sample_error, decode_sample, identity, too_many_bad
-from .batches import check_decode_place, new_train_batch
+from .batches import BatchRing, PixelBatch, check_decode_place, new_train_batch
 from .device_decode import DeviceDecoder
 from .transforms import resample_filter, resolve_decoder
 
@@ -95,9 +95,10 @@ class _EpochPart(IterableDataset):
     """One epoch of one process, from call `start`: each DataLoader worker plays one reader,
     yielding its part (q samples of each stream it owns) of every call."""
 
-    def __init__(self, o: Opts, epoch: int, start: int, positions: Dict[int, Position]):
+    def __init__(self, o: Opts, epoch: int, start: int, positions: Dict[int, Position],
+                 ring: Optional[BatchRing] = None):
         super().__init__()
-        self.o, self.epoch, self.start, self.positions = o, epoch, start, positions
+        self.o, self.epoch, self.start, self.positions, self.ring = o, epoch, start, positions, ring
 
     def __iter__(self) -> Iterator[Any]:
         o = self.o
@@ -107,16 +108,24 @@ class _EpochPart(IterableDataset):
         plan = None if o.resampled else plan_streams(o.shards.counts, o.streams, o.seed, self.epoch)
         readers = [self._stream(v, plan) for v in mine]
         q = o.per_stream
-        for _ in range(self.start, o.calls_per_epoch):
-            batch = new_train_batch(o, q * len(mine), info is not None)
-            labels = torch.empty((q * len(mine),), dtype=torch.int64)
+        n = q * len(mine)
+        for call in range(self.start, o.calls_per_epoch):
+            slot = None if self.ring is None else self.ring.claim(wid, call)
+            if slot is None:
+                batch, labels = new_train_batch(o, n, info is not None), torch.empty((n,), dtype=torch.int64)
+            else:  # written in place in the ring: only keys, positions and the slot travel
+                images, labels = self.ring.part(wid, slot, n)
+                batch = PixelBatch(n, o.img_size, False, images)
             keys = []  # type: List[str]
             positions, new_bad = {}, []
             for j, read in enumerate(readers):
                 v, pos, bad = read(batch, labels, keys, j * q)
                 positions[v] = pos
                 new_bad += bad
-            yield batch.images, labels, keys, {"positions": positions, "new_bad": new_bad}
+            if slot is None:
+                yield batch.images, labels, keys, {"positions": positions, "new_bad": new_bad}
+            else:
+                yield None, None, keys, {"positions": positions, "new_bad": new_bad, "slot": (wid, slot)}
 
     def _stream(self, v: int, plan: Optional[List[List[int]]]):
         """A function filling q slots of a part from stream v: -> (v, its position, new bad samples)."""
@@ -309,13 +318,20 @@ class TrainLoader:
                 stats.add(int(s.get("seen", 0)), int(s.get("bad", 0)), s.get("bad_examples", []))
         return stats
 
-    def _epoch_iter(self, epoch: int, start: int, positions: Dict[int, Position]) -> Iterator[Any]:
-        ds = _EpochPart(self.o, epoch, start, {v: list(p) for v, p in positions.items()})
-        if self.o.workers <= 0:
-            return iter(ds)
-        return iter(DataLoader(ds, batch_size=None, num_workers=self.o.readers, collate_fn=identity,
-                               pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
-                               worker_init_fn=_worker_signals))
+    def _epoch_iter(self, epoch: int, start: int, positions: Dict[int, Position]
+                    ) -> Tuple[Iterator[Any], Optional[BatchRing]]:
+        """The epoch's parts from `start` on, and the ring its workers write pixels into (None: parts hold them)."""
+        o = self.o
+        positions = {v: list(p) for v, p in positions.items()}
+        if o.workers <= 0:
+            return iter(_EpochPart(o, epoch, start, positions)), None
+        ring = None
+        if o.decode == "cpu":
+            part = o.per_stream * -(-len(o.rank_streams) // o.readers)
+            ring = BatchRing(o.readers, self.prefetch_factor + 2, part, o.img_size)
+        return iter(DataLoader(_EpochPart(o, epoch, start, positions, ring), batch_size=None, num_workers=o.readers,
+                               collate_fn=identity, pin_memory=self.pin_memory and ring is None,
+                               prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_signals)), ring
 
     def _device_decoded(self, images: Any, labels: torch.Tensor, keys: List[str], info: Dict[str, Any]):
         """A part of EncodedImages decoded on the device (a sample it cannot decode is counted and replaced)."""
@@ -323,13 +339,20 @@ class TrainLoader:
         self.stats.add(0, len(bad), [(key, "data.decode=gpu", why) for key, why in bad])
         return images, labels, keys, info
 
-    def _assemble(self, parts: List[Tuple[Any, ...]]) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
-        """The process's batch from its readers' parts: each stream's q samples, streams in increasing order."""
-        if len(parts) == 1:
+    def _assemble(self, parts: List[Tuple[Any, ...]], ring: Optional[BatchRing]
+                  ) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+        """The process's batch from its readers' parts: each stream's q samples, streams in increasing order.
+        Parts written in the ring are copied out and their slots released."""
+        if len(parts) == 1 and ring is None:
             return parts[0][0], parts[0][1], parts[0][2]
         o, q = self.o, self.o.per_stream
-        images = parts[0][0].new_empty((o.batch_size,) + tuple(parts[0][0].shape[1:]))  # on the device after decode=gpu
-        labels = torch.empty((o.batch_size,), dtype=torch.int64)
+        if ring is not None:
+            parts = [ring.part(*info["slot"], len(ks)) + (ks, info) for _, _, ks, info in parts]
+        first = parts[0][0]  # on the device after decode=gpu
+        pin = self.pin_memory and first.device.type == "cpu" and torch.cuda.is_available()
+        images = torch.empty((o.batch_size,) + tuple(first.shape[1:]), dtype=first.dtype, device=first.device,
+                             pin_memory=pin)
+        labels = torch.empty((o.batch_size,), dtype=torch.int64, pin_memory=pin)
         keys = [""] * o.batch_size
         slot = {v: i for i, v in enumerate(o.rank_streams)}
         # On the host, numpy's single-threaded copies: torch's intra-op threads would wait on cores the
@@ -343,12 +366,15 @@ class TrainLoader:
                 out[dst:dst + q] = src_images[src:src + q]
                 labels[dst:dst + q] = lab[src:src + q]
                 keys[dst:dst + q] = ks[src:src + q]
+        if ring is not None:
+            for *_, info in parts:
+                ring.release(*info["slot"])
         return images, labels, keys
 
     def __iter__(self) -> Iterator[Any]:
         o = self.o
         parts_per_call = o.readers if o.workers > 0 else 1
-        it = self._epoch_iter(self._epoch, self._batch, self._positions)
+        it, ring = self._epoch_iter(self._epoch, self._batch, self._positions)
         while True:
             for b in range(self._batch, self.batches_per_epoch):
                 try:
@@ -356,12 +382,6 @@ class TrainLoader:
                 except StopIteration:
                     raise DataError("epoch %d ended after %d of %d batches (a reader stopped early)"
                                     % (self._epoch, b, self.batches_per_epoch)) from None
-                last = b + 1 == self.batches_per_epoch
-                if last:
-                    # The next epoch's workers start now (process spawn, shard open, first decode)
-                    # and overlap this epoch's last step; this epoch's are done.
-                    del it
-                    it = self._epoch_iter(self._epoch + 1, 0, self._fresh_positions())
                 for _, _, _, info in parts:
                     for v, pos in info["positions"].items():
                         prev = self._positions[v]
@@ -373,8 +393,13 @@ class TrainLoader:
                 if too_many_bad(self.stats.bad, self.stats.seen, o.max_bad_fraction):
                     raise bad_sample_error(self.stats.bad, self.stats.seen, o.max_bad_fraction, self.stats.examples,
                                            "on rank %d" % o.rank)
-                images, labels, keys = self._assemble(parts)
+                images, labels, keys = self._assemble(parts, ring)
+                last = b + 1 == self.batches_per_epoch
                 if last:
+                    # The next epoch's workers start now (process spawn, shard open, first decode)
+                    # and overlap this epoch's last step; this epoch's are done.
+                    del it, ring
+                    it, ring = self._epoch_iter(self._epoch + 1, 0, self._fresh_positions())
                     self._epoch, self._batch, self._positions = self._epoch + 1, 0, self._fresh_positions()
                 else:
                     self._batch = b + 1
