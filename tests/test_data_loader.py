@@ -478,3 +478,15 @@ def test_batch_ring_slots_wait_for_release_and_workers_write_in_place(shards8):
     for images, labels in kept:
         want_images, want_labels = next(ref_it)
         assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
+
+    # validation: the same pixels per sample with or without workers, copied out of the ring
+    def by_key(workers):
+        out = {}
+        for images, _, keys in EvalLoader(resolve_shards(shards8), IMG, 5, workers=workers, return_keys=True):
+            assert not images.is_shared() or workers == 0
+            out.update({k: images[i].clone() for i, k in enumerate(keys)})
+        return out
+
+    ref_eval, got = by_key(0), by_key(2)
+    assert sorted(got) == sorted(ref_eval) and len(got) == 192
+    assert all(torch.equal(got[k], ref_eval[k]) for k in ref_eval)

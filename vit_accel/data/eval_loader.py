@@ -6,7 +6,7 @@ skipped and counted by the rule of samples.py. Python 3.8 / torch 2.0 compatible
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .reader import ShardList, iter_records
 from .samples import BadSampleStats, Opts, ReaderTally, bad_sample_error, decode_sample, identity, too_many_bad
-from .batches import shared_uint8
+from .batches import BatchRing, shared_uint8
 from .fastpath import eval_sample
 from .transforms import resample_filter, resolve_decoder
 
@@ -22,9 +22,9 @@ from .transforms import resample_filter, resolve_decoder
 class _EvalPart(IterableDataset):
     """A rank's share of the validation set; worker k reads every workers-th of its shards."""
 
-    def __init__(self, o: Opts):
+    def __init__(self, o: Opts, ring: Optional[BatchRing] = None):
         super().__init__()
-        self.o = o
+        self.o, self.ring = o, ring
 
     def __iter__(self) -> Iterator[Any]:
         o = self.o
@@ -32,15 +32,29 @@ class _EvalPart(IterableDataset):
         wid, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         tally = ReaderTally(o.max_bad_fraction, "in validation")
         S, B = o.img_size, o.batch_size
-        images = shared_uint8((B, 3, S, S), info is not None)
+        ring, chunk = self.ring, 0
+
+        def space() -> Tuple[torch.Tensor, Optional[int]]:
+            """Where the next chunk's pixels go: a slot of the ring (workers), else a fresh tensor."""
+            if ring is None:
+                return shared_uint8((B, 3, S, S), info is not None), None
+            slot = ring.claim(wid, chunk)
+            return ring.part(wid, slot, B)[0], slot
+
+        images, slot = space()
         labels, keys = [], []  # type: List[int], List[str]
 
         def flush() -> Any:
-            nonlocal images
+            nonlocal images, slot, chunk
             n = len(keys)
-            batch = (images if n == B else images[:n].clone(), torch.tensor(labels, dtype=torch.int64), list(keys),
-                     {"worker": wid, "seen": tally.seen, "bad": tally.bad, "new_bad": tally.take_new_bad()})
-            images = shared_uint8((B, 3, S, S), info is not None)
+            meta = {"worker": wid, "seen": tally.seen, "bad": tally.bad, "new_bad": tally.take_new_bad()}
+            if slot is None:
+                pixels = images if n == B else images[:n].clone()
+            else:  # the pixels stay in the ring; the main process copies them out and frees the slot
+                pixels, meta["slot"] = None, slot
+            batch = (pixels, torch.tensor(labels, dtype=torch.int64), list(keys), meta)
+            chunk += 1
+            images, slot = space()
             del labels[:], keys[:]
             return batch
 
@@ -99,9 +113,12 @@ class EvalLoader:
         return list(self.stats.examples)
 
     def __iter__(self) -> Iterator[Any]:
-        ds = _EvalPart(self.o)
-        it = iter(ds) if self.workers <= 0 else iter(DataLoader(ds, batch_size=None, num_workers=self.workers,
-                                                                 collate_fn=identity))
+        if self.workers <= 0:
+            it, ring = iter(_EvalPart(self.o)), None
+        else:  # see batches.BatchRing: slots > the DataLoader's prefetch (2 chunks per worker) + 1
+            ring = BatchRing(self.workers, 4, self.batch_size, self.o.img_size)
+            it = iter(DataLoader(_EvalPart(self.o, ring), batch_size=None, num_workers=self.workers,
+                                 collate_fn=identity))
         self.stats = BadSampleStats()
         last = {}  # type: Dict[int, Tuple[int, int]]
         pending = []  # type: List[Tuple[torch.Tensor, torch.Tensor, List[str]]]
@@ -114,6 +131,8 @@ class EvalLoader:
             if too_many_bad(self.stats.bad, self.stats.seen, self.o.max_bad_fraction):
                 raise bad_sample_error(self.stats.bad, self.stats.seen, self.o.max_bad_fraction, self.stats.examples,
                                  "in validation")
+            if "slot" in info:
+                images = ring_copy(ring, info["worker"], info["slot"], len(keys))
             if len(keys):
                 pending.append((images, labels, keys))
                 have += len(keys)
@@ -142,6 +161,13 @@ class EvalLoader:
         labels = parts_l[0] if len(parts_l) == 1 else torch.cat(parts_l)
         out = (images.contiguous(), labels)
         return out + (parts_k,) if self.return_keys else out
+
+
+def ring_copy(ring: BatchRing, reader: int, slot: int, n: int) -> torch.Tensor:
+    """The first n images of a ring slot, copied out (numpy's single-threaded copy); the slot is freed."""
+    out = torch.from_numpy(ring.part(reader, slot, n)[0].numpy().copy())
+    ring.release(reader, slot)
+    return out
 
 
 def host_cat(parts: List[torch.Tensor]) -> torch.Tensor:
