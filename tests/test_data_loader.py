@@ -1,6 +1,8 @@
 """Train/eval loaders: exactly-once epochs across ranks x workers, resume, bad data, errors."""
 import io
 import os
+import subprocess
+import sys
 import tarfile
 from types import SimpleNamespace
 
@@ -455,6 +457,14 @@ def test_batch_ring_slots_wait_for_release_and_workers_write_in_place(shards8):
 
     from vit_accel.data.batches import BatchRing
 
+    from vit_accel.data.batches import check_shared_memory
+
+    folder = os.path.dirname(shards8)
+    st = os.statvfs(folder)
+    check_shared_memory(1, folder)
+    with pytest.raises(DataError, match="--shm-size") as e:  # more than the folder's free space
+        check_shared_memory(st.f_bavail * st.f_frsize + 2 ** 30, folder)
+    assert "data.workers" in str(e.value) and folder in str(e.value)
     ring = BatchRing(readers=2, slots=3, part_size=4, img_size=IMG)
     assert ring.images.is_shared() and ring.labels.is_shared() and ring.busy.is_shared()
     assert [ring.claim(1, c) for c in (0, 1, 2)] == [0, 1, 2]
@@ -467,6 +477,13 @@ def test_batch_ring_slots_wait_for_release_and_workers_write_in_place(shards8):
     ring.release(1, 0)
     waiter.join(timeout=10)
     assert done == [0]
+
+    # a worker waiting on a slot of a training process that is gone (SIGKILL) exits instead of waiting forever
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    ring.owner = gone.pid
+    with pytest.raises(SystemExit, match="is gone"):
+        ring.claim(1, 4, poll=0.0001)  # slot 1 is still held
 
     # with workers, the batch is copied out of the ring: a batch kept by the caller is never overwritten
     ld = TrainLoader(resolve_shards(shards8), IMG, 8, 0, workers=2, prefetch_factor=1)

@@ -14,6 +14,7 @@ one. Python 3.8 / torch 2.0 compatible.
 """
 from __future__ import annotations
 
+import os
 import random
 import time
 from typing import Any, Optional, Sequence, Tuple
@@ -60,23 +61,29 @@ class BatchRing:
     mapped again in the main process): about 20 ms of CPU per 224 px batch of 64, as much as a
     sixth of the decoding. The ring is allocated once per epoch's workers: reader r writes call c
     into slot c % slots once the main process has released that slot, and ships only keys and
-    positions; the main process copies the slot out (pages already mapped) and releases it. A
-    reader waits for a slot only when the main process is `slots` parts behind it, which the
-    DataLoader's prefetch limit (prefetch_factor parts per worker) never lets happen when
-    slots > prefetch_factor + 1.
+    positions; the main process copies the slot out (pages already mapped) and releases it.
+    With slots = prefetch_factor + 1 (what the loaders use) a reader waits only while the main
+    process holds a part it already received, until the call's other parts arrive; no wait
+    depends on that reader, so none can deadlock. The whole ring must fit in /dev/shm (a
+    container's default is 64 MB): checked here, with what to do, before any worker starts.
     """
 
     def __init__(self, readers: int, slots: int, part_size: int, img_size: int):
-        self.slots = slots
+        self.slots, self.owner = slots, os.getpid()  # the process that copies the parts out
+        check_shared_memory(readers * slots * part_size * (3 * img_size * img_size + 8))
         self.images = shared_uint8((readers, slots, part_size, 3, img_size, img_size), True)
         self.labels = torch.zeros((readers, slots, part_size), dtype=torch.int64).share_memory_()
         self.busy = torch.zeros((readers, slots), dtype=torch.int32).share_memory_()
 
     def claim(self, reader: int, call: int, poll: float = 0.001) -> int:
-        """The slot reader `reader` writes call `call` into, once the main process has released it."""
-        k = call % self.slots
+        """The slot reader `reader` writes call `call` into, once the main process has released it.
+        A worker whose main process is gone (killed) stops waiting and exits."""
+        k, waited = call % self.slots, 0
         while int(self.busy[reader, k]):
             time.sleep(poll)
+            waited += 1
+            if waited % 500 == 0 and not _alive(self.owner):
+                raise SystemExit("vit-accel loader worker: the training process %d is gone" % self.owner)
         self.busy[reader, k] = 1
         return k
 
@@ -85,6 +92,32 @@ class BatchRing:
 
     def release(self, reader: int, slot: int) -> None:
         self.busy[reader, slot] = 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - exists, another user's (the pid was reused)
+        return True
+    return True
+
+
+def check_shared_memory(need: int, folder: str = "/dev/shm") -> None:
+    """DataError when `folder` (where torch's shared memory lives on Linux) has less than `need` bytes
+    free: workers would otherwise die of SIGBUS on their first write."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:  # no such folder (not Linux): nothing to check
+        return
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        from .reader import DataError
+
+        raise DataError("the loader's shared-memory batches need %d MB and %s has %d MB free: give the "
+                        "container more (docker run --shm-size=2g, or a larger /dev/shm), or lower "
+                        "data.workers or the batch size" % (-(-need // 2 ** 20), folder, free // 2 ** 20))
 
 
 class EncodedImages:

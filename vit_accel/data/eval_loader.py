@@ -115,8 +115,8 @@ class EvalLoader:
     def __iter__(self) -> Iterator[Any]:
         if self.workers <= 0:
             it, ring = iter(_EvalPart(self.o)), None
-        else:  # see batches.BatchRing: slots > the DataLoader's prefetch (2 chunks per worker) + 1
-            ring = BatchRing(self.workers, 4, self.batch_size, self.o.img_size)
+        else:  # see batches.BatchRing: the DataLoader's prefetch (2 chunks per worker) + 1 slots
+            ring = BatchRing(self.workers, 3, self.batch_size, self.o.img_size)
             it = iter(DataLoader(_EvalPart(self.o, ring), batch_size=None, num_workers=self.workers,
                                  collate_fn=identity))
         self.stats = BadSampleStats()

@@ -328,7 +328,7 @@ class TrainLoader:
         ring = None
         if o.decode == "cpu":
             part = o.per_stream * -(-len(o.rank_streams) // o.readers)
-            ring = BatchRing(o.readers, self.prefetch_factor + 2, part, o.img_size)
+            ring = BatchRing(o.readers, self.prefetch_factor + 1, part, o.img_size)
         return iter(DataLoader(_EpochPart(o, epoch, start, positions, ring), batch_size=None, num_workers=o.readers,
                                collate_fn=identity, pin_memory=self.pin_memory and ring is None,
                                prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_signals)), ring
