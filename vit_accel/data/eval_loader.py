@@ -6,7 +6,7 @@ skipped and counted by the rule of samples.py. Python 3.8 / torch 2.0 compatible
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
