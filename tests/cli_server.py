@@ -51,9 +51,10 @@ def child(request: dict) -> None:
         try:
             runpy.run_module("vit_accel", run_name="__main__", alter_sys=True)
             code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            if not isinstance(e.code, int) and e.code is not None:
+        except SystemExit as e:  # as the interpreter ends: an int is the status, anything else is printed (1)
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
                 print(e.code, file=sys.stderr)
     except BaseException:  # noqa: B902 - a traceback on the command's stderr, as the interpreter prints it
         import traceback

@@ -465,6 +465,14 @@ def test_batch_ring_slots_wait_for_release_and_workers_write_in_place(shards8):
     with pytest.raises(DataError, match="--shm-size") as e:  # more than the folder's free space
         check_shared_memory(st.f_bavail * st.f_frsize + 2 ** 30, folder)
     assert "data.workers" in str(e.value) and folder in str(e.value)
+    # the loaders check before any worker starts
+    tiny = os.statvfs_result((4096, 4096, 1, 1, 1, 1, 1, 1, 0, 255))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("vit_accel.data.batches.os.statvfs", lambda path: tiny)
+        for loader in (TrainLoader(resolve_shards(shards8), IMG, 8, 0, workers=2),
+                       EvalLoader(resolve_shards(shards8), IMG, 8, workers=2)):
+            with pytest.raises(DataError, match="shared-memory batches need"):
+                next(iter(loader))
     ring = BatchRing(readers=2, slots=3, part_size=4, img_size=IMG)
     assert ring.images.is_shared() and ring.labels.is_shared() and ring.busy.is_shared()
     assert [ring.claim(1, c) for c in (0, 1, 2)] == [0, 1, 2]

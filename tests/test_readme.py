@@ -521,23 +521,22 @@ def test_readme_cpu_commands_run(workspace, tmp_path):
 
     cmds = _runnable()
     assert any(c.startswith("torchrun") for _, c in cmds) and any("eval" in c for _, c in cmds)
-    server = CliServer(_env(), tmp_path)
+    env = _env()
+    server = CliServer(env, tmp_path)
     try:
-        _run_commands(cmds, workspace, server)
+        _run_commands(cmds, workspace, server, env)
     finally:
         server.close()
     assert server.count >= len(cmds) // 2, server.count  # most commands run in the server's forks
 
 
-def _run_commands(cmds: List[Tuple[int, str]], workspace: Path, server: CliServer) -> None:
-    from test_zero import _env
-
+def _run_commands(cmds: List[Tuple[int, str]], workspace: Path, server: CliServer, env: dict) -> None:
     for line, cmd in cmds:
         argv = _argv_for_run(cmd, workspace)
         if argv[:3] == [sys.executable, "-m", "vit_accel"]:
             p = server.run(argv[3:], workspace, timeout=600)
         else:
-            p = subprocess.run(argv, cwd=workspace, env=_env(), capture_output=True, text=True, timeout=600)
+            p = subprocess.run(argv, cwd=workspace, env=env, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, f"README line {line}: {cmd}\n{' '.join(argv)}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
         assert "Traceback" not in p.stderr, f"README line {line}: {cmd}\n{p.stderr[-3000:]}"
         if cmd.startswith("torchrun"):   # the recipe's global batch, reached on this many processes

@@ -42,8 +42,10 @@ class Source:
 
 
 # What a refusal tells a user to do with a file they trust; the flag exists for resuming only.
-_TRUSTED_ELSEWHERE = ("if you trust the file, load it in your own code (torch.load(path, weights_only=False)) and "
-                      "save its state dict with torch.save or safetensors, then pass that file")
+_TRUSTED_ELSEWHERE = ("if you trust the classes the file names, load it in your own code with torch.load(path, "
+                      "weights_only=True) after allowing exactly those classes "
+                      "(torch.serialization.add_safe_globals), save its state dict with torch.save or safetensors, "
+                      "then pass that file")
 _TRUSTED_RESUME = ("a training checkpoint you wrote yourself with an older vit-accel resumes with --trust-checkpoint, "
                    "which reads it with the full unpickler and so runs whatever code it names")
 

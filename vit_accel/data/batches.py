@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 
 from .fastpath import jpeg_size, train_sample
+from .reader import DataError
 from .transforms import random_resized_crop_box
 
 DECODE_PLACES = ("cpu", "gpu")
@@ -113,8 +114,6 @@ def check_shared_memory(need: int, folder: str = "/dev/shm") -> None:
         return
     free = st.f_bavail * st.f_frsize
     if free < need:
-        from .reader import DataError
-
         raise DataError("the loader's shared-memory batches need %d MB and %s has %d MB free: give the "
                         "container more (docker run --shm-size=2g, or a larger /dev/shm), or lower "
                         "data.workers or the batch size" % (-(-need // 2 ** 20), folder, free // 2 ** 20))
