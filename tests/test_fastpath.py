@@ -92,14 +92,14 @@ def test_reduced_decode_where_the_crop_allows_it():
 def test_a_jpeg_the_fast_decoder_refuses_gets_the_same_box_from_pil(photo_jpegs, monkeypatch):
     data = photo_jpegs[1]
     fast = torch.empty((3, 48, 48), dtype=torch.uint8)
-    FP.train_sample(data, fast, 48, random.Random(5))
+    FP.train_sample(data, fast, 48, random.Random(5), decoder="torchvision")
 
     def refuses(_):
         raise RuntimeError("decode_jpeg: unsupported")  # what torchvision raises for what it cannot read
 
     monkeypatch.setattr(FP, "_torchvision_decode", lambda: refuses)
     fallback = torch.empty_like(fast)
-    FP.train_sample(data, fallback, 48, random.Random(5))
+    FP.train_sample(data, fallback, 48, random.Random(5), decoder="torchvision")
     assert torch.equal(fast, fallback)  # PIL decodes the same pixels, and the box is the same
 
 

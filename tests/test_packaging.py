@@ -135,7 +135,7 @@ def test_build_gives_an_sdist_and_a_wheel_of_the_package_kernels_and_recipes(bui
     assert tops == {"vit_accel", "vit_accel_kernels", wheel.name.split("-")[0] + "-0.1.0.dist-info"}, tops
     assert sorted(f.split("/")[-1] for f in files if f.startswith("vit_accel/configs/")) == recipes
     assert {"vit_accel_kernels/attention.py", "vit_accel_kernels/layer_norm.py",
-            "vit_accel_kernels/bias_gelu.py"} <= set(files)
+            "vit_accel_kernels/bias_gelu.py", "vit_accel/data/jpeg_region.c"} <= set(files)
     meta = next(f for f in files if f.endswith("METADATA"))
     text = zipfile.ZipFile(wheel).read(meta).decode()
     assert "Name: vit-accel" in text and "Requires-Dist: torch>=2.0.1" in text

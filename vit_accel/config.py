@@ -87,7 +87,7 @@ class DataConfig:
     max_bad_fraction: float = 0.001
     mixup: float = 0.0                    # Beta alpha of mixup (0 = off)
     cutmix: float = 0.0                   # Beta alpha of cutmix (0 = off)
-    decoder: str = "auto"                 # full-size JPEGs: auto (torchvision, simplejpeg, then pil), or one of them
+    decoder: str = "auto"                 # auto: the first of libjpeg, torchvision, simplejpeg, pil that works
     decode: str = "cpu"                   # "cpu" (loader workers) or "gpu" (JPEG bytes to the device, nvJPEG)
     auto_augment: str = ""                # "" or "imagenet" (ClassyVision's policy via torchvision)
     rand_augment: str = ""                # "" or a timm RandAugment string, e.g. "rand-m9-mstd0.5-inc1"

@@ -43,15 +43,27 @@ def resample_filter(name: str) -> int:
         raise ValueError("data.interpolation must be one of %s, got %r" % (sorted(_RESAMPLE), name)) from None
 
 
-DECODERS = ("auto", "torchvision", "simplejpeg", "pil")
+DECODERS = ("auto", "libjpeg", "torchvision", "simplejpeg", "pil")
 
 
 def resolve_decoder(name: str) -> str:
-    """"auto" -> "torchvision" when importable, else "simplejpeg" when importable, else "pil".
+    """"auto" -> "libjpeg" where the partial decoder builds here (`jpeg_region`), else "torchvision"
+    when importable, else "simplejpeg" when importable, else "pil".
 
-    The decoder of full-size JPEGs in the training fast path (`fastpath.train_sample`); reduced
-    (DCT-scaled) decodes, PNGs and evaluation go through PIL (or simplejpeg when named).
+    The decoder of full-size JPEGs in the fast path (`fastpath.train_sample`, `eval_sample`):
+    "libjpeg" decodes only a training crop's rows and iMCU columns and, like "torchvision", decodes
+    whole images with torchvision's decoder; reduced (DCT-scaled) decodes and PNGs go through PIL
+    (or simplejpeg when named).
     """
+    if name in ("auto", "libjpeg"):
+        from . import jpeg_region
+
+        why = jpeg_region.unavailable()
+        if not why and _importable("torchvision.io"):
+            return "libjpeg"
+        if name == "libjpeg":
+            raise ValueError("data.decoder=libjpeg cannot work here: %s; use data.decoder=auto"
+                             % (why or "torchvision is not installed (pip install torchvision)"))
     if name == "auto":
         if _importable("torchvision.io"):
             return "torchvision"
