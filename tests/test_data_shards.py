@@ -277,6 +277,23 @@ def test_digits_written_once_counts_and_concurrent_calls(tmp_path):
     assert ensure_digits(root) == results[0] and verify_manifest(val) == []
 
 
+def test_digits_arrays_are_load_digits_read_from_scikit_learns_file(monkeypatch):
+    import importlib.util
+
+    from sklearn.datasets import load_digits
+
+    from vit_accel.data import digits
+
+    ref = load_digits()
+    images, target = digits.digits_arrays()
+    assert images.dtype == ref.images.dtype and np.array_equal(images, ref.images)
+    assert np.array_equal(target, ref.target) and target.dtype.kind == "i"
+    # where the file is not where it was (another layout): load_digits itself, the same arrays
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    images, target = digits.digits_arrays()
+    assert np.array_equal(images, ref.images) and np.array_equal(target, ref.target)
+
+
 def test_bench_data_runs_and_reports_a_ratio(folder, tmp_path, capsys):
     out = tmp_path / "out"
     cli("make-shards", "--input", folder, "--val-fraction", 0,

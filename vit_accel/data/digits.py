@@ -11,6 +11,7 @@ Python 3.8 compatible.
 """
 from __future__ import annotations
 
+import importlib.util
 import io
 import logging
 import os
@@ -37,14 +38,33 @@ def _png(pixels: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def digits_samples() -> Tuple[List[SourceSample], List[SourceSample]]:
-    """(train, val) samples, PNG bytes in memory; the split depends only on SPLIT_SEED."""
+def digits_arrays() -> Tuple[np.ndarray, np.ndarray]:
+    """(images [1797, 8, 8] float64, target [1797] int): `sklearn.datasets.load_digits`'s arrays.
+
+    Read from the file scikit-learn ships (`sklearn/datasets/data/digits.csv.gz`: 64 pixel
+    columns, then the label), the way load_digits reads it, without importing sklearn.datasets
+    (about a second of CPU: SciPy and the rest of the datasets module); load_digits itself where
+    that file is not there.
+    """
+    spec = importlib.util.find_spec("sklearn")  # locates the package without running it
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        path = os.path.join(folder, "datasets", "data", "digits.csv.gz")
+        if os.path.isfile(path):
+            data = np.loadtxt(path, delimiter=",")
+            return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
     from sklearn.datasets import load_digits  # scikit-learn is only needed for this dataset
 
     d = load_digits()
-    order = np.random.RandomState(SPLIT_SEED).permutation(len(d.target))
-    samples = [SourceSample("digits_%04d" % i, int(d.target[i]), "sklearn.datasets.load_digits[%d]" % i,
-                            data=_png(d.images[i])) for i in order]
+    return d.images, d.target
+
+
+def digits_samples() -> Tuple[List[SourceSample], List[SourceSample]]:
+    """(train, val) samples, PNG bytes in memory; the split depends only on SPLIT_SEED."""
+    images, target = digits_arrays()
+    order = np.random.RandomState(SPLIT_SEED).permutation(len(target))
+    samples = [SourceSample("digits_%04d" % i, int(target[i]), "sklearn.datasets.load_digits[%d]" % i,
+                            data=_png(images[i])) for i in order]
     return samples[NUM_VAL:], samples[:NUM_VAL]
 
 
