@@ -45,6 +45,10 @@ def test_bench_data_times_ours_and_the_libraries_and_writes_rows(tmp_path, capsy
     assert main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("bench-data: 48 images") and "load average" in lines[0]
+    from vit_accel.data import jpeg_region
+
+    why = jpeg_region.unavailable()  # the decoder that ran, and why not the partial one where it did not
+    assert lines[0].endswith("our decoder libjpeg" if not why else "(libjpeg: %s)" % why), lines[0]
     assert lines[1].split()[-1] == "ratio"
     rows = json.loads(out.read_text())
     assert [r["pipeline"] for r in rows] == ["train", "train-vs-timm", "eval", "gpu-decode"]
