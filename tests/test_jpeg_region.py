@@ -188,3 +188,25 @@ def test_the_library_builds_once_into_the_cache_and_is_reused(tmp_path, monkeypa
     assert JR.unavailable() == "" and built[0].stat().st_mtime_ns == stamp
     data = _generated(3)[0]
     assert JR.decode_box(data, FP.jpeg_size(data), (0, 0, 1, 1)) is not None
+
+
+def test_a_library_others_could_have_written_is_never_loaded(tmp_path, monkeypatch):
+    """A shared library in a folder other users can write is their code in our process: refused,
+    with what to do, and `auto` decodes the exact way."""
+    monkeypatch.setattr(JR, "_state", {})
+    monkeypatch.setenv("VIT_ACCEL_CACHE", str(tmp_path / "cache"))
+    assert JR.unavailable() == ""
+    built = JR._library_path()
+    for target in (built.parent, built):
+        mode = target.stat().st_mode
+        target.chmod(mode | 0o002)
+        monkeypatch.setattr(JR, "_state", {})
+        why = JR.unavailable()
+        assert why == "%s is writable by others (chmod go-w it, or set VIT_ACCEL_CACHE to a private folder)" % target
+        assert T.resolve_decoder("auto") == "torchvision"
+        target.chmod(mode)
+    built.unlink()
+    built.parent.chmod(0o777)  # nothing is built into such a folder either
+    monkeypatch.setattr(JR, "_state", {})
+    assert "writable by others" in JR.unavailable() and not built.exists()
+    built.parent.chmod(0o700)

@@ -6,7 +6,8 @@ above the box without the inverse DCT, upsampling and colour conversion, limit t
 the iMCU columns that hold the box, and stop after the box's last row. Neither torchvision nor
 PIL reaches that API, so `jpeg_region.c` does, built here with the system's C compiler against
 the system's libjpeg-turbo (`libjpeg-turbo-dev` / `libjpeg62-turbo-dev`) once per machine, into
-`$VIT_ACCEL_CACHE` (default `~/.cache/vit-accel`).
+`$VIT_ACCEL_CACHE` (default `~/.cache/vit-accel`; a library or folder that another user owns or
+may write is never loaded).
 
 The box's pixels are the full decode's pixels, with a margin of `MARGIN` decoded pixels around
 the box so that the region's own edges (where chroma upsampling has no neighbour) never reach
@@ -45,12 +46,26 @@ def _library_path() -> Path:
     return cache_dir() / ("jpeg_region-%s.so" % tag)
 
 
+def _private(path: Path) -> str:
+    """'' when `path` is ours and nobody else may write it, else why it must not be loaded: a
+    shared library in a folder others can write is code anyone of them can run in our process."""
+    st = path.stat()
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return "%s belongs to another user" % path
+    if st.st_mode & 0o022:
+        return "%s is writable by others (chmod go-w it, or set VIT_ACCEL_CACHE to a private folder)" % path
+    return ""
+
+
 def build(path: Path) -> str:
     """Compile `jpeg_region.c` into `path` (atomically); '' on success, else why not."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         return "no C compiler (cc) on PATH"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    why = _private(path.parent)
+    if why:
+        return why
     fd, tmp = tempfile.mkstemp(dir=str(path.parent), suffix=".so")
     os.close(fd)
     try:
@@ -77,7 +92,7 @@ def library() -> Optional[ctypes.CDLL]:
         return None
     path = _library_path()
     try:
-        why = "" if path.exists() else build(path)
+        why = (_private(path.parent) or _private(path)) if path.exists() else build(path)
         if why:
             _state["why"] = why
             return None
