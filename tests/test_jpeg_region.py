@@ -210,3 +210,13 @@ def test_a_library_others_could_have_written_is_never_loaded(tmp_path, monkeypat
     monkeypatch.setattr(JR, "_state", {})
     assert "writable by others" in JR.unavailable() and not built.exists()
     built.parent.chmod(0o700)
+
+
+def test_a_cache_folder_that_cannot_be_made_says_why(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(JR, "_state", {})
+    monkeypatch.setenv("VIT_ACCEL_CACHE", str(blocker / "cache"))
+    why = JR.unavailable()
+    assert why.startswith("cannot build or load %s" % blocker) and "Not a directory" in why, why
+    assert T.resolve_decoder("auto") == "torchvision"

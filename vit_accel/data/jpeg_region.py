@@ -90,16 +90,17 @@ def library() -> Optional[ctypes.CDLL]:
     if sys.platform == "win32":
         _state["why"] = "the partial JPEG decoder is built for Linux and macOS only"
         return None
-    path = _library_path()
+    path = None
     try:
+        path = _library_path()
         why = (_private(path.parent) or _private(path)) if path.exists() else build(path)
         if why:
             _state["why"] = why
             return None
         lib = ctypes.CDLL(str(path))
         fn = lib.vit_accel_jpeg_region
-    except (OSError, AttributeError) as e:
-        _state["why"] = "cannot build or load %s: %s" % (path, e)
+    except (OSError, AttributeError, RuntimeError) as e:  # RuntimeError: no home folder to cache in
+        _state["why"] = "cannot build or load %s: %s" % (path or "the partial JPEG decoder", e)
         return None
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
