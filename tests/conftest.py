@@ -12,6 +12,9 @@ except Exception:  # pragma: no cover
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(__file__), "..", "build", "torch_extensions"))
+# The partial JPEG decoder (vit_accel/data/jpeg_region.py) builds beside them, not in the user's home
+os.environ.setdefault("VIT_ACCEL_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "build",
+                                                      "vit-accel-cache"))
 # One ninja for every process that builds DeepSpeed's CPU op into that folder: the environment's
 # own (pip's ninja 1.13) first on PATH. Processes started with the system's ninja 1.11 beside it
 # read each other's build log as "command line changed" and rebuild the op (30-80 s) in turn.
