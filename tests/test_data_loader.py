@@ -426,6 +426,34 @@ def test_same_process_count_any_workers_gives_identical_batches(shards8):
     assert all(x[2] == y[2] and torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
 
 
+def test_the_partial_decoder_in_workers_gives_the_exact_paths_batches_and_bad_samples(shards8, bad_shards):
+    """data.decoder=libjpeg (what auto picks where it builds) against torchvision's full decode:
+    the same pixels in every batch from loader workers, the same bad samples skipped and named."""
+    from vit_accel.data import jpeg_region
+
+    if jpeg_region.unavailable():
+        pytest.skip("the partial decoder does not build here: %s" % jpeg_region.unavailable())
+
+    def batches(shards, decoder, workers, n):
+        ld = build_train_loader(cfg(train_shards=shards, workers=workers, decoder=decoder, max_bad_fraction=0.5),
+                                24, 8, seed=3, rank=0, world_size=1, return_keys=True)
+        it = iter(ld)
+        return [next(it) for _ in range(n)], ld
+
+    decoded = []
+    real = jpeg_region.decode_box
+    with pytest.MonkeyPatch.context() as mp:  # in this process (workers=0): the crops do go the partial way
+        mp.setattr(jpeg_region, "decode_box", lambda *a: decoded.append(real(*a)) or decoded[-1])
+        batches(shards8, "libjpeg", 0, 2)
+    assert len(decoded) == 16 and all(d is not None for d in decoded)
+    for shards, n in ((shards8, 13), (bad_shards, 9)):
+        (a, la), (b, lb) = batches(shards, "libjpeg", 2, n), batches(shards, "torchvision", 0, n)
+        assert all(x[2] == y[2] and torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+        named = [sorted((key, shard) for key, shard, _ in ld.bad_samples) for ld in (la, lb)]
+        assert la.stats.bad == lb.stats.bad and named[0] == named[1]
+    assert la.stats.bad == 8  # the bad shards' truncated, label-less, non-image and mislabelled samples
+
+
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2), (4, 2)])
 def test_resume_on_another_process_count_continues_the_epoch_exactly(bad_shards, before, after):
     """Bad samples shift each stream's position differently: the per-stream positions carry over."""
