@@ -454,6 +454,20 @@ def test_the_partial_decoder_in_workers_gives_the_exact_paths_batches_and_bad_sa
     assert la.stats.bad == 8  # the bad shards' truncated, label-less, non-image and mislabelled samples
 
 
+def test_the_loader_says_how_it_decodes(shards8, monkeypatch):
+    from vit_accel.data import jpeg_region
+
+    line = build_train_loader(cfg(train_shards=shards8, workers=2, decoder="torchvision"), IMG, 8, seed=0).describe()
+    assert line == "data: 2 worker(s) per process (2 reading), 8 streams; JPEG decoding: torchvision"
+    monkeypatch.setattr(jpeg_region, "_state", {"lib": None, "why": "no C compiler (cc) on PATH"})
+    line = build_train_loader(cfg(train_shards=shards8, workers=0, decoder="auto"), IMG, 8, seed=0).describe()
+    assert line.endswith("JPEG decoding: torchvision (whole images; the partial decoder: no C compiler (cc) on PATH)")
+    monkeypatch.undo()
+    if not jpeg_region.unavailable():
+        line = build_train_loader(cfg(train_shards=shards8, workers=0, decoder="auto"), IMG, 8, seed=0).describe()
+        assert line.endswith("JPEG decoding: libjpeg, only each crop's rows and columns")
+
+
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2), (4, 2)])
 def test_resume_on_another_process_count_continues_the_epoch_exactly(bad_shards, before, after):
     """Bad samples shift each stream's position differently: the per-stream positions carry over."""

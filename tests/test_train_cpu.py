@@ -40,8 +40,11 @@ def test_digits_run_beats_chance_and_writes_the_run_dir(tmp_path, data_root, mon
                  "--set", "train.checkpoint_every=75"] + TINY)
     assert code == 0
     # what cpu.precision / cpu.compile "auto" chose, and why, is printed at start
-    chosen = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("cpu: precision "))
+    out = capsys.readouterr().out.splitlines()
+    chosen = next(x for x in out if x.startswith("cpu: precision "))
     assert "compile " in chosen and "(auto: " in chosen, chosen
+    data = next(x for x in out if x.startswith("data: "))  # and how the loader decodes
+    assert "worker(s) per process" in data and "JPEG decoding: " in data, data
     summary = json.loads((rd / "summary.json").read_text())
     assert summary["val_top1"] > 0.5, summary  # chance is 0.1
     assert summary["steps"] == 150 and summary["backend"] == "cpu"

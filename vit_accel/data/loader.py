@@ -233,6 +233,21 @@ class TrainLoader:
         self._positions = self._fresh_positions()
         self.device_decoder = DeviceDecoder(decode_device) if decode == "gpu" else None
 
+    def describe(self) -> str:
+        """One line for the run's log: workers, and how JPEGs are decoded here (and why not faster)."""
+        o = self.o
+        if o.decode == "gpu":
+            how = "on the device (data.decode: gpu)"
+        elif o.decoder == "libjpeg":
+            how = "libjpeg, only each crop's rows and columns"
+        else:
+            from . import jpeg_region
+
+            why = jpeg_region.unavailable()
+            how = o.decoder + (" (whole images; the partial decoder: %s)" % why if why else "")
+        return "data: %d worker(s) per process (%d reading), %d streams; JPEG decoding: %s" % (
+            o.workers, o.readers, o.streams, how)
+
     def _fresh_positions(self) -> Dict[int, Position]:
         return {v: [0, 0, 0] for v in self.o.rank_streams}
 
