@@ -7,6 +7,7 @@ Training crops and evaluation's center crops equal the exact path's samples. Dam
 exact path's, or both refuse. A decoder that cannot build says why and `auto` moves on."""
 import io
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -220,3 +221,22 @@ def test_a_cache_folder_that_cannot_be_made_says_why(tmp_path, monkeypatch):
     why = JR.unavailable()
     assert why.startswith("cannot build or load %s" % blocker) and "Not a directory" in why, why
     assert T.resolve_decoder("auto") == "torchvision"
+
+
+@pytest.mark.parametrize("source,said", [
+    ("#include <no_such_jpeglib.h>\n", "no_such_jpeglib.h: No such file or directory"),
+    ("void jpeg_crop_scanline_of_another_libjpeg(void);\nint f(void) { jpeg_crop_scanline_of_another_libjpeg(); "
+     "return 0; }\n", "undefined reference to `jpeg_crop_scanline_of_another_libjpeg'"),
+])
+def test_a_failed_build_names_the_compilers_first_error(tmp_path, monkeypatch, source, said):
+    """No libjpeg-turbo headers, or a libjpeg without the partial-decoding calls: the build fails
+    now (every symbol resolved at link time, not at a worker's first call) and says why."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the link-time symbol check is GNU ld's (Linux)")
+    src = tmp_path / "jpeg_region.c"
+    src.write_text(source)
+    monkeypatch.setattr(JR, "SOURCE", src)
+    out = tmp_path / "cache" / "lib.so"
+    why = JR.build(out)
+    assert " failed: " in why and said in why, why
+    assert not out.exists() and list(out.parent.iterdir()) == []

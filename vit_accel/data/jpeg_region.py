@@ -69,11 +69,15 @@ def build(path: Path) -> str:
     fd, tmp = tempfile.mkstemp(dir=str(path.parent), suffix=".so")
     os.close(fd)
     try:
-        proc = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE), "-ljpeg"],
+        # every symbol resolved now: a libjpeg without libjpeg-turbo's partial decoding fails the
+        # build (and says so), not a worker's first call
+        strict = ["-Wl,--no-undefined"] if sys.platform.startswith("linux") else []
+        proc = subprocess.run([cc, "-O2", "-shared", "-fPIC", *strict, "-o", tmp, str(SOURCE), "-ljpeg"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
-        if proc.returncode != 0:
-            return "%s failed: %s" % (cc, proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else
-                                      "exit %d" % proc.returncode)
+        if proc.returncode != 0:  # the compiler's first error says most (a missing jpeglib.h, a symbol)
+            lines = proc.stdout.strip().splitlines()
+            first = next((x for x in lines if "error" in x.lower() or "undefined" in x.lower()), None)
+            return "%s failed: %s" % (cc, first or (lines[-1] if lines else "exit %d" % proc.returncode))
         os.replace(tmp, str(path))
         return ""
     finally:
