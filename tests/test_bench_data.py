@@ -48,7 +48,8 @@ def test_bench_data_times_ours_and_the_libraries_and_writes_rows(tmp_path, capsy
     from vit_accel.data import jpeg_region
 
     why = jpeg_region.unavailable()  # the decoder that ran, and why not the partial one where it did not
-    assert lines[0].endswith("our decoder libjpeg" if not why else "(libjpeg: %s)" % why), lines[0]
+    assert lines[0].endswith("our decoder libjpeg, only each crop's rows and columns" if not why else
+                             "(whole images; the partial decoder: %s)" % why), lines[0]
     assert lines[1].split()[-1] == "ratio"
     rows = json.loads(out.read_text())
     assert [r["pipeline"] for r in rows] == ["train", "train-vs-timm", "eval", "gpu-decode"]

@@ -157,6 +157,7 @@ def test_damaged_files_give_the_exact_paths_sample_or_both_refuse(photo_corpus):
     assert outcomes == {True, False}  # the class held files both ways
     size = FP.jpeg_size(photo_corpus[0])
     assert JR.decode_box(photo_corpus[0][:-2], size, (0, 0, 8, 8)) is None  # no end marker: never partial
+    assert JR.why_refused(photo_corpus[0][:-2], size, (0, 0, 8, 8)).startswith("no end-of-image marker")
     cmyk = io.BytesIO()
     Image.open(io.BytesIO(photo_corpus[0])).convert("CMYK").save(cmyk, "JPEG")
     assert JR.decode_box(cmyk.getvalue(), size, (0, 0, 8, 8)) is None

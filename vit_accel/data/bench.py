@@ -39,7 +39,7 @@ from .loader import TrainLoader
 from .reader import DataError, iter_records
 from .shards import ShardError, list_imagefolder, write_shards
 from .specs import resolve_shards
-from .transforms import DECODERS, resolve_decoder
+from .transforms import DECODERS, describe_decoder, resolve_decoder
 
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 IMAGENET_MEAN, IMAGENET_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
@@ -278,7 +278,7 @@ def _bench_main(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     print("bench-data: %s; batch %d, %d px, best of %d; load average %.1f -> %.1f on %d cores; our decoder %s"
           % (described, args.batch_size, args.img_size, max(args.repeat, 1), load0, load1, os.cpu_count() or 0,
-             _decoder_line(args.decoder)))
+             describe_decoder(resolve_decoder(args.decoder))))
     print("%7s %-14s %11s %14s %15s %18s %8s" % ("workers", "pipeline", "ours img/s", "ours img/cpu-s",
                                                  "baseline img/s", "baseline img/cpu-s", "ratio"))
     for r in rows:
@@ -294,15 +294,6 @@ def _bench_main(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     return 0
-
-
-def _decoder_line(name: str) -> str:
-    """The decoder `data.decoder=name` resolves to, and why not the partial one where it is not."""
-    from . import jpeg_region
-
-    resolved = resolve_decoder(name)
-    why = jpeg_region.unavailable()
-    return resolved + (" (libjpeg: %s)" % why if why and resolved != "libjpeg" else "")
 
 
 def _pipelines(names: List[str], device: str) -> List[str]:

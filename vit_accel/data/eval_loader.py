@@ -115,10 +115,11 @@ class EvalLoader:
     def __iter__(self) -> Iterator[Any]:
         if self.workers <= 0:
             it, ring = iter(_EvalPart(self.o)), None
-        else:  # see batches.BatchRing: the DataLoader's prefetch (2 chunks per worker) + 1 slots
-            ring = BatchRing(self.workers, 3, self.batch_size, self.o.img_size)
+        else:  # see batches.BatchRing: the DataLoader's prefetch (chunks per worker) + 1 slots
+            prefetch = 2
+            ring = BatchRing(self.workers, prefetch + 1, self.batch_size, self.o.img_size)
             it = iter(DataLoader(_EvalPart(self.o, ring), batch_size=None, num_workers=self.workers,
-                                 collate_fn=identity))
+                                 collate_fn=identity, prefetch_factor=prefetch))
         self.stats = BadSampleStats()
         last = {}  # type: Dict[int, Tuple[int, int]]
         pending = []  # type: List[Tuple[torch.Tensor, torch.Tensor, List[str]]]

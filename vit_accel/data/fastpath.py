@@ -12,7 +12,8 @@ pipeline as much again in Python, PIL-to-tensor copies and collation. Here:
   resolution (PIL draft mode; the box then maps to the reduced image, each edge rounded to a
   decoded pixel); else, for a training crop, only the crop's rows and iMCU columns at full size
   (`jpeg_region`: libjpeg-turbo's partial decoding, the full decode's pixels; about 1/3 less
-  decode time on 500x375 photos); else the whole image with torchvision's libjpeg-turbo decoder
+  decode time on 500x375 photos), and for evaluation the source pixels its center crop's resize
+  reads; else the whole image with torchvision's libjpeg-turbo decoder
   straight into a uint8 tensor (the same pixels as PIL's, no RGBX-to-RGB copy) where torchvision
   is installed; PIL otherwise, and for PNG and anything the faster decoders refuse (the same box:
   never another crop);

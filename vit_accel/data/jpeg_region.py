@@ -33,6 +33,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("jpeg_region.c")
 MARGIN = 2  # decoded pixels kept around the box (chroma upsampling reads one neighbour each side)
+_EOI = b"\xff\xd9"  # a JPEG's last two bytes
 _MAX_IMCU = 32  # widest iMCU (4:1:1 subsampling): what jpeg_crop_scanline may widen each side by
 _state = {}  # type: dict
 
@@ -41,8 +42,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VIT_ACCEL_CACHE") or Path.home() / ".cache" / "vit-accel")
 
 
+# every symbol resolved at link time: a libjpeg without libjpeg-turbo's partial decoding fails the
+# build (and says so), not a worker's first call
+_FLAGS = ["-O2", "-shared", "-fPIC"] + (["-Wl,--no-undefined"] if sys.platform.startswith("linux") else [])
+
+
 def _library_path() -> Path:
-    tag = hashlib.sha256(SOURCE.read_bytes() + platform.machine().encode()).hexdigest()[:16]
+    """The built library's path: a new source or new flags build a new file."""
+    key = SOURCE.read_bytes() + " ".join(_FLAGS + [platform.machine()]).encode()
+    tag = hashlib.sha256(key).hexdigest()[:16]
     return cache_dir() / ("jpeg_region-%s.so" % tag)
 
 
@@ -69,10 +77,7 @@ def build(path: Path) -> str:
     fd, tmp = tempfile.mkstemp(dir=str(path.parent), suffix=".so")
     os.close(fd)
     try:
-        # every symbol resolved now: a libjpeg without libjpeg-turbo's partial decoding fails the
-        # build (and says so), not a worker's first call
-        strict = ["-Wl,--no-undefined"] if sys.platform.startswith("linux") else []
-        proc = subprocess.run([cc, "-O2", "-shared", "-fPIC", *strict, "-o", tmp, str(SOURCE), "-ljpeg"],
+        proc = subprocess.run([cc, *_FLAGS, "-o", tmp, str(SOURCE), "-ljpeg"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
         if proc.returncode != 0:  # the compiler's first error says most (a missing jpeglib.h, a symbol)
             lines = proc.stdout.strip().splitlines()
@@ -121,11 +126,12 @@ def unavailable() -> str:
     return _state["why"]
 
 
-def _decode(data: bytes, size: Tuple[int, int], box: Tuple[int, int, int, int], canvas: bool
-            ) -> Optional[Tuple[torch.Tensor, int, int, int]]:
-    """(buffer, first decoded column, decoded width, first row) for `box` widened by MARGIN, or None."""
+def _decode(data: bytes, size: Tuple[int, int], box: Tuple[int, int, int, int], canvas: bool,
+            message: Optional[ctypes.Array] = None) -> Optional[Tuple[torch.Tensor, int, int, int]]:
+    """(buffer, first decoded column, decoded width, first row) for `box` widened by MARGIN, or None
+    (libjpeg's reason in `message` when one is given)."""
     lib = library()
-    if lib is None or data[-2:] != b"\xff\xd9":
+    if lib is None or data[-2:] != _EOI:
         return None
     left, top, w, h = box
     x0, y0 = max(0, left - MARGIN), max(0, top - MARGIN)
@@ -136,7 +142,8 @@ def _decode(data: bytes, size: Tuple[int, int], box: Tuple[int, int, int, int], 
         out = torch.empty((y1 - y0, min(size[0], x1 - x0 + 2 * _MAX_IMCU), 3), dtype=torch.uint8)
     got_left, got_width = ctypes.c_int(), ctypes.c_int()
     status = lib.vit_accel_jpeg_region(data, len(data), x0, y0, x1 - x0, y1 - y0, out.data_ptr(), out.numel(),
-                                       int(canvas), ctypes.byref(got_left), ctypes.byref(got_width), None, 0)
+                                       int(canvas), ctypes.byref(got_left), ctypes.byref(got_width), message,
+                                       len(message) if message is not None else 0)
     return None if status != 0 else (out, got_left.value, got_width.value, y0)
 
 
@@ -165,13 +172,11 @@ def decode_into_canvas(data: bytes, size: Tuple[int, int], box: Tuple[int, int, 
 
 def why_refused(data: bytes, size: Tuple[int, int], box: Tuple[int, int, int, int]) -> str:
     """libjpeg's message for a file `decode_box` refuses ('' when it decodes): for tests and errors."""
-    lib = library()
-    if lib is None:
+    if library() is None:
         return unavailable()
-    left, top, w, h = box
-    out = torch.empty((h, min(size[0], w + 2 * _MAX_IMCU), 3), dtype=torch.uint8)
+    if data[-2:] != _EOI:
+        return "no end-of-image marker: possibly truncated, never decoded partially"
     msg = ctypes.create_string_buffer(256)
-    a, b = ctypes.c_int(), ctypes.c_int()
-    status = lib.vit_accel_jpeg_region(data, len(data), left, top, w, h, out.data_ptr(), out.numel(), 0,
-                                       ctypes.byref(a), ctypes.byref(b), msg, len(msg))
-    return "" if status == 0 else (msg.value.decode("utf-8", "replace") or "status %d" % status)
+    if _decode(data, size, box, False, msg) is not None:
+        return ""
+    return msg.value.decode("utf-8", "replace") or "the box is outside the image"

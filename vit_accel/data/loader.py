@@ -57,7 +57,7 @@ from .reader import (DataError, ResumeMismatch, ShardList, plan_streams, resampl
 from .samples import BadSampleStats, Opts, ReaderTally, bad_sample_error, decode_sample, identity, too_many_bad
 from .batches import BatchRing, PixelBatch, check_decode_place, new_train_batch
 from .device_decode import DeviceDecoder
-from .transforms import resample_filter, resolve_decoder
+from .transforms import describe_decoder, resample_filter, resolve_decoder
 
 STATE_VERSION = 2
 MAX_AUTO_STREAMS = 64
@@ -236,15 +236,7 @@ class TrainLoader:
     def describe(self) -> str:
         """One line for the run's log: workers, and how JPEGs are decoded here (and why not faster)."""
         o = self.o
-        if o.decode == "gpu":
-            how = "on the device (data.decode: gpu)"
-        elif o.decoder == "libjpeg":
-            how = "libjpeg, only each crop's rows and columns"
-        else:
-            from . import jpeg_region
-
-            why = jpeg_region.unavailable()
-            how = o.decoder + (" (whole images; the partial decoder: %s)" % why if why else "")
+        how = "on the device (data.decode: gpu)" if o.decode == "gpu" else describe_decoder(o.decoder)
         return "data: %d worker(s) per process (%d reading), %d streams; JPEG decoding: %s" % (
             o.workers, o.readers, o.streams, how)
 

@@ -51,8 +51,8 @@ def resolve_decoder(name: str) -> str:
     when importable, else "simplejpeg" when importable, else "pil".
 
     The decoder of full-size JPEGs in the fast path (`fastpath.train_sample`, `eval_sample`):
-    "libjpeg" decodes only a training crop's rows and iMCU columns and, like "torchvision", decodes
-    whole images with torchvision's decoder; reduced (DCT-scaled) decodes and PNGs go through PIL
+    "libjpeg" decodes only a training crop's rows and iMCU columns (evaluation: the pixels its
+    center crop's resize reads) and, like "torchvision", decodes whole images with torchvision's decoder; reduced (DCT-scaled) decodes and PNGs go through PIL
     (or simplejpeg when named).
     """
     if name in ("auto", "libjpeg"):
@@ -77,6 +77,16 @@ def resolve_decoder(name: str) -> str:
     if name not in DECODERS:
         raise ValueError("data.decoder must be one of %s, got %r" % (", ".join(DECODERS), name))
     return name
+
+
+def describe_decoder(resolved: str) -> str:
+    """How JPEGs decode under a resolved data.decoder, and why not partially where it could not."""
+    if resolved == "libjpeg":
+        return "libjpeg, only each crop's rows and columns"
+    from . import jpeg_region
+
+    why = jpeg_region.unavailable()
+    return resolved + (" (whole images; the partial decoder: %s)" % why if why else "")
 
 
 def _importable(module: str) -> bool:
