@@ -99,7 +99,7 @@ def _final_ema(rd: Path, step: int):
     return torch.load(rd / "checkpoints" / f"step_{step:07d}.pt", map_location="cpu", weights_only=False)["ema"]
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, data_root):
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, data_root, monkeypatch, capsys):
     # every random draw on: dropout, RandAugment + random erasing in the loader workers, Mixup/CutMix
     augment = ["--set", "data.rand_augment=rand-m9-mstd0.5-inc1", "--set", "data.random_erasing=0.25",
                "--set", "data.mixup=0.8", "--set", "data.cutmix=1.0", "--set", "optim.loss=soft_ce"]
@@ -108,10 +108,11 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, data_root
               "--set", "train.eval_every=0", "--set", "train.checkpoint_every=8",
               "--set", "train.keep_checkpoints=0", "--set", "model.drop_rate=0.1"] + augment + TINY
     common += ["--set", "train.ema_momentum=0.5"]  # the EMA resumes exactly too
-    # one epoch of digits train is ~45 steps at batch 32: step 8..16 is mid-epoch
-    full = _run(common + ["--run-dir", str(tmp_path / "full")], cwd=tmp_path)
-    out, _ = full.communicate(timeout=600)
-    assert full.returncode == 0, out
+    # one epoch of digits train is ~45 steps at batch 32: step 8..16 is mid-epoch. The uninterrupted
+    # and the resumed runs run in this process (one thread, as the killed process has); the killed one
+    # is a process of its own, killed with SIGKILL.
+    monkeypatch.chdir(tmp_path)
+    assert main(common + ["--run-dir", str(tmp_path / "full")]) == 0
 
     rd = tmp_path / "killed"
     victim = _run(common + ["--run-dir", str(rd)], cwd=tmp_path)
@@ -124,10 +125,10 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, data_root
     victim.wait()
     assert not (rd / "summary.json").exists()
 
-    resumed = _run(common + ["--run-dir", str(rd), "--resume", "auto"], cwd=tmp_path)
-    out, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, out
-    assert "resumed from" in out and "step_0000016.pt" in out
+    capsys.readouterr()
+    assert main(common + ["--run-dir", str(rd), "--resume", "auto"]) == 0
+    out = "".join(capsys.readouterr())
+    assert "resumed from" in out and "step_0000016.pt" in out, out
     a, b = _final_weights(tmp_path / "full", 24), _final_weights(rd, 24)
     assert a.keys() == b.keys()
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)

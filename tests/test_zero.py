@@ -18,7 +18,7 @@ import torch
 
 from vit_accel.config import ConfigError, Recipe
 from vit_accel.model import create_vit
-from testkit import free_port
+from testkit import free_port, made_once
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -161,9 +161,13 @@ def worker(tmp_path_factory):
     """One torchrun launch of tests/zero_worker.py: DDP and ZeRO 0..3 on the same data."""
     if deepspeed_missing:
         pytest.skip("deepspeed is not installed")
-    out = tmp_path_factory.mktemp("zero_worker")
-    _run(_torchrun(ROOT / "tests" / "zero_worker.py", "--out", out, "--steps", "4", f"--runs={','.join(RUNS)}"),
-         cwd=out, timeout=420)
+
+    def launch(out):
+        _run(_torchrun(ROOT / "tests" / "zero_worker.py", "--out", out, "--steps", "4", f"--runs={','.join(RUNS)}"),
+             cwd=out, timeout=420)
+        return str(out)
+
+    out = Path(made_once(tmp_path_factory, "zero_worker", launch))
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -246,16 +250,20 @@ def test_consolidation_agrees_with_deepspeeds_zero_to_fp32(worker, spec):
 # ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def resized(worker):
+def resized(worker, tmp_path_factory):
     """One process loads the two-process worker's checkpoints, then trains and checkpoints on
     global batches; two processes load those and continue (tests/zero_resize_worker.py)."""
     out, _ = worker
-    one, two = out / "resize1", out / "resize2"
     script = ROOT / "tests" / "zero_resize_worker.py"
-    _run([sys.executable, script, "--out", one, "--check", str(out / "{stage}_fp32" / "checkpoints" / "step_0000002.pt")],
-         cwd=out, timeout=420)
-    _run(_torchrun(script, "--out", two, "--load", str(one / "{stage}" / "step_0000002.pt")), cwd=out, timeout=420)
-    return [json.loads((d / "results.json").read_text()) for d in (one, two)]
+
+    def launch(folder):
+        one, two = folder / "resize1", folder / "resize2"
+        _run([sys.executable, script, "--out", one, "--check",
+              str(out / "{stage}_fp32" / "checkpoints" / "step_0000002.pt")], cwd=out, timeout=420)
+        _run(_torchrun(script, "--out", two, "--load", str(one / "{stage}" / "step_0000002.pt")), cwd=out, timeout=420)
+        return [json.loads((d / "results.json").read_text()) for d in (one, two)]
+
+    return made_once(tmp_path_factory, "zero_resized", launch)
 
 
 @pytest.mark.slow
@@ -286,15 +294,16 @@ E2E = ["--config", "vit-ti-digits", "--no-progress", "--set", "schedule.total_st
 def e2e_runs(tmp_path_factory):
     if deepspeed_missing:
         pytest.skip("deepspeed is not installed")
-    base = tmp_path_factory.mktemp("zero_e2e")
-    data = base / "data"
-    runs = {}
-    for stage in (0, 3):
-        rd = base / f"z{stage}"
-        _run(_torchrun("-m", "vit_accel", "train", "--backend", "cpu", "--run-dir", rd, *E2E,
-                       "--set", f"data.root={data}", "--set", f"distributed.zero_stage={stage}"), cwd=base, timeout=300)
-        runs[stage] = rd
-    return base, runs
+
+    def launch(base):
+        for stage in (0, 3):
+            _run(_torchrun("-m", "vit_accel", "train", "--backend", "cpu", "--run-dir", base / f"z{stage}", *E2E,
+                           "--set", f"data.root={base / 'data'}", "--set", f"distributed.zero_stage={stage}"),
+                 cwd=base, timeout=300)
+        return str(base)
+
+    base = Path(made_once(tmp_path_factory, "zero_e2e", launch))
+    return base, {stage: base / f"z{stage}" for stage in (0, 3)}
 
 
 def _losses(run_dir: Path):
