@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .config import ConfigError, check_trainable, find_config, list_configs, load_recipe
-from .errors import InputError
+from .errors import BackendUnavailable, CheckpointWriteError, InputError
 
 # (module, function) pairs that register sub-commands living beside their code
 EXTERNAL_COMMANDS = [
@@ -36,10 +36,10 @@ def _recipe_args(p: argparse.ArgumentParser, backend_default: str = "auto") -> N
 
 def _load_for_backend(args):
     """Resolve the backend first: the recipe's batch arithmetic is checked for that backend."""
-    from .backends import resolve_backend
-
     if getattr(args, "print_config", False) and args.backend == "auto":
         return load_recipe(args.config, args.overrides)
+    from .backends import resolve_backend
+
     args.backend = resolve_backend(args.backend)
     return load_recipe(args.config, args.overrides, backends=[args.backend])
 
@@ -212,7 +212,21 @@ def cmd_report(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command(argv: List[str]) -> Optional[str]:
+    """The sub-command argv names (its first word after the top-level options), or None."""
+    words = iter(argv)
+    for word in words:
+        if word in ("--local_rank", "--local-rank"):
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The whole command line; given COMMAND, one of this module's own commands, the parser of the
+    others (EXTERNAL_COMMANDS, whose modules load torch) is left out: `vit-accel configs` and a
+    recipe's errors answer without loading torch. Any other command, or none, builds them all."""
     parser = argparse.ArgumentParser(prog="vit-accel", description=__doc__.splitlines()[0])
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -256,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
 
+    if command in sub.choices:
+        return parser
     for module, fn in EXTERNAL_COMMANDS:
         try:
             getattr(importlib.import_module(module), fn)(sub)
@@ -272,10 +288,8 @@ def _unavailable(name: str, e: Exception) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .backends import BackendUnavailable
-    from .engine.saving import CheckpointWriteError
-
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -297,11 +311,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 def entry() -> None:
     """The `vit-accel` command (and `python -m vit_accel`): ``main`` then the exit code.
 
-    Every way out goes through ``end_process``, an exception escaping ``main`` too (its traceback
-    is printed, exit code 1): after a process group, the interpreter's finalization is what aborts.
+    Every way out of a process that loaded torch goes through ``end_process``, an exception escaping
+    ``main`` too (its traceback is printed, exit code 1): after a process group, the interpreter's
+    finalization is what aborts. A command that never loaded torch was never in a group.
     """
-    from .engine import distributed
-
     try:
         code = main()
     except SystemExit as e:               # argparse, or sys.exit inside a command
@@ -316,6 +329,10 @@ def entry() -> None:
     except BaseException:                 # a defect: say where, then leave as every run does
         traceback.print_exc()
         code = 1
+    if "torch" not in sys.modules:        # `configs`, a recipe's error: no torch, so no process group either
+        sys.exit(code)
+    from .engine import distributed
+
     distributed.end_process(code)
 
 

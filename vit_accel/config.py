@@ -539,7 +539,7 @@ def check_stop_signals(names: List[str]) -> None:
 
 
 def validate(r: Recipe, backends: Optional[List[str]] = None) -> None:
-    from .model import VARIANTS
+    from .variants import VARIANTS
 
     _one_of("model.name", r.model.name, list(VARIANTS) + [AUTO])
     _check_auto_model(r.model)
@@ -556,7 +556,7 @@ def validate(r: Recipe, backends: Optional[List[str]] = None) -> None:
                           f"{r.data.eval_resize} both set the resize before the center crop; keep one")
     _one_of("optim.name", r.optim.name, ("sgd", "adamw"))
     _one_of("optim.loss", r.optim.loss, ("ce", "soft_ce"))
-    from .data.augment import check_augment_settings
+    from .data.settings import check_augment_settings
 
     try:
         check_augment_settings(r.data)

@@ -14,3 +14,12 @@ class ConfigError(ValueError):
 
 class InputError(Exception):
     """A file or dataset that cannot be used (a checkpoint, a shard); the message says what to change."""
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here; the message says what is missing and what to do."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, file size limit, I/O error); the previous
+    complete checkpoint is untouched."""

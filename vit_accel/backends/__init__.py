@@ -4,7 +4,8 @@ from __future__ import annotations
 import importlib
 from typing import Optional
 
-from .base import Backend, BackendUnavailable, StepResult  # noqa: F401
+from ..errors import BackendUnavailable
+from .base import Backend, StepResult  # noqa: F401
 
 BACKENDS = {
     "cpu": ("vit_accel.backends.cpu", "CPUBackend"),

@@ -25,9 +25,6 @@ from ..engine.saving import current_writer
 from ..model import PORTABLE_OPS, unwrap
 
 
-class BackendUnavailable(RuntimeError):
-    """The requested backend cannot run here; the message says what is missing and what to do."""
-
 
 @dataclass
 class StepResult:

@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..config import Recipe
-from .base import BackendUnavailable
+from ..errors import BackendUnavailable
 from .cpu import CPUBackend
 from .cpu_choice import Choice
 

@@ -12,23 +12,25 @@
 """
 from __future__ import annotations
 
-from .augment import BatchMix, SampleAugment
-from .bench import add_bench_data_parser
-from .digits import ensure_digits
-from .eval_loader import EvalLoader
-from .loader import TrainLoader
-from .make_shards import add_make_shards_parser
-from .reader import DataError, ResumeMismatch, ShardList
-from .samples import BAD_SAMPLE_GRACE, BadSampleStats, too_many_bad
-from .shards import ShardError, read_manifest, verify_manifest, write_shards
-from .specs import resolve_shards
-from .sources import build_eval_loader, build_train_loader, shard_spec, shard_specs
-from .transforms import normalize
+import importlib
 
-__all__ = [
-    "BAD_SAMPLE_GRACE", "BadSampleStats", "BatchMix", "DataError", "EvalLoader", "ResumeMismatch", "SampleAugment",
-    "ShardError", "ShardList", "TrainLoader",
-    "add_bench_data_parser", "add_make_shards_parser", "build_eval_loader", "build_train_loader",
-    "ensure_digits", "normalize", "read_manifest", "resolve_shards", "shard_spec", "shard_specs", "too_many_bad",
-    "verify_manifest", "write_shards",
-]
+# name -> the module defining it, imported on first use: most of them load torch, and config.py's
+# recipe checks import .settings from here without it (`vit-accel configs` answers without torch).
+_WHERE = {
+    "BatchMix": "augment", "SampleAugment": "augment", "add_bench_data_parser": "bench", "ensure_digits": "digits",
+    "EvalLoader": "eval_loader", "TrainLoader": "loader", "add_make_shards_parser": "make_shards",
+    "DataError": "reader", "ResumeMismatch": "reader", "ShardList": "reader",
+    "BAD_SAMPLE_GRACE": "samples", "BadSampleStats": "samples", "too_many_bad": "samples",
+    "ShardError": "shards", "read_manifest": "shards", "verify_manifest": "shards", "write_shards": "shards",
+    "resolve_shards": "specs", "build_eval_loader": "sources", "build_train_loader": "sources",
+    "shard_spec": "sources", "shard_specs": "sources", "normalize": "transforms",
+}
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module("." + _WHERE[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_WHERE)

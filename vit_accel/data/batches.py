@@ -25,7 +25,6 @@ from .fastpath import jpeg_size, train_sample
 from .reader import DataError
 from .transforms import random_resized_crop_box
 
-DECODE_PLACES = ("cpu", "gpu")
 
 
 def shared_uint8(shape: Sequence[int], shared: bool) -> torch.Tensor:
@@ -191,12 +190,3 @@ def new_train_batch(o: Any, batch_size: int, in_worker: bool) -> Any:
     if getattr(o, "decode", "cpu") == "gpu":
         return EncodedBatch(batch_size, o.img_size, o.interpolation)
     return PixelBatch(batch_size, o.img_size, in_worker)
-
-
-def check_decode_place(decode: str, augment_keys: Optional[Sequence[str]] = None) -> None:
-    """ValueError for an unknown data.decode, or data.decode=gpu with per-sample augmentations."""
-    if decode not in DECODE_PLACES:
-        raise ValueError("data.decode must be one of %s, got %r" % (", ".join(DECODE_PLACES), decode))
-    if decode == "gpu" and augment_keys:
-        raise ValueError("data.decode=gpu decodes and crops on the device, but %s run in the loader workers on "
-                         "decoded pixels: use data.decode=cpu with them" % ", ".join(augment_keys))

@@ -55,7 +55,8 @@ from .augment import SampleAugment
 from .reader import (DataError, ResumeMismatch, ShardList, plan_streams, resampled_shards, samples_per_stream,
                      stream_records)
 from .samples import BadSampleStats, Opts, ReaderTally, bad_sample_error, decode_sample, identity, too_many_bad
-from .batches import BatchRing, PixelBatch, check_decode_place, new_train_batch
+from .settings import check_decode_place
+from .batches import BatchRing, PixelBatch, new_train_batch
 from .device_decode import DeviceDecoder
 from .transforms import describe_decoder, resample_filter, resolve_decoder
 

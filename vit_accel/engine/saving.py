@@ -23,12 +23,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
+from ..errors import CheckpointWriteError  # noqa: F401  (raised here; defined beside the other user errors)
+
 MARKER_FORMAT = "vit-accel-checkpoint-complete"
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (disk full, file size limit, I/O error); the previous
-    complete checkpoint is untouched."""
 
 
 # ---------------------------------------------------------------------------------------
