@@ -1,9 +1,12 @@
 """Train/eval loaders: exactly-once epochs across ranks x workers, resume, bad data, errors."""
+import gc
 import io
+import multiprocessing
 import os
 import subprocess
 import sys
 import tarfile
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -222,9 +225,42 @@ def test_corrupt_shards_name_themselves(shards8, tmp_path):
     shard.write_bytes(bytes(data))
     ld = build_train_loader(cfg(train_shards=str(d / "train-{000000..000007}.tar"), workers=2), IMG, 8, 0)
     it = iter(ld)
-    with pytest.raises(DataError, match="train-000002.tar is corrupt"):
+    with pytest.raises(DataError, match="train-000002.tar is corrupt") as e:
         for _ in range(ld.batches_per_epoch):
             next(it)
+    # the workers are gone with the error, though its traceback still holds the loader's iterator
+    assert e.value and not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize("kind", ["train", "eval"])
+@pytest.mark.parametrize("how", ["error", "dropped", "dropped-in-a-cycle"])
+def test_an_iteration_that_stops_early_ends_its_workers_at_once(shards8, tmp_path, kind, how):
+    """Ended before its epoch (an error in the main process, or the iterator closed mid-way, while the
+    workers wait for ring slots the main process holds), a loader ends its workers there and then: the
+    DataLoader's own shutdown, left to the garbage collector, loses its message to them when an
+    exception's reference cycle holds the iterator (each worker then costs the 5 s join timeout)."""
+    if kind == "train":
+        loader = TrainLoader(resolve_shards(shards8), IMG, 8, 0, workers=2, prefetch_factor=1)
+    else:
+        loader = EvalLoader(resolve_shards(shards8), IMG, 4, workers=2)
+    it = iter(loader)
+    next(it)
+    time.sleep(0.5)  # the workers fill the ring's free slots and wait for the held ones
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+    if how == "dropped":
+        it.close()
+    elif how == "dropped-in-a-cycle":  # freed by the garbage collector, not by its reference count
+        holder = {"iteration": it}
+        holder["self"] = holder
+        del it, holder
+        gc.collect()
+    else:
+        with pytest.raises(RuntimeError, match="stop here") as e:
+            it.throw(RuntimeError("stop here"))  # as an exception raised inside the iteration would
+        assert e.value  # its traceback holds the iterator
+    assert not multiprocessing.active_children()
+    assert [w.exitcode for w in workers] == [0, 0]  # they left; none was terminated after a timeout
 
 
 def test_truncated_foreign_shard_is_reported(tmp_path):

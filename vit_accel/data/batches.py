@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -54,6 +54,10 @@ class PixelBatch:
         train_sample(data, self.images[n], self.img_size, rng, scale, ratio, interpolation, hflip, decoder, augment)
 
 
+class LoaderStopped(Exception):
+    """In a worker waiting for a ring slot: the main process stopped reading (BatchRing.close)."""
+
+
 class BatchRing:
     """Shared-memory slots that loader workers write their parts of pixel batches into, reused.
 
@@ -74,12 +78,16 @@ class BatchRing:
         self.images = shared_uint8((readers, slots, part_size, 3, img_size, img_size), True)
         self.labels = torch.zeros((readers, slots, part_size), dtype=torch.int64).share_memory_()
         self.busy = torch.zeros((readers, slots), dtype=torch.int32).share_memory_()
+        self.closed = torch.zeros((1,), dtype=torch.int32).share_memory_()
 
     def claim(self, reader: int, call: int, poll: float = 0.001) -> int:
         """The slot reader `reader` writes call `call` into, once the main process has released it.
-        A worker whose main process is gone (killed) stops waiting and exits."""
+        A worker whose main process is gone (killed) stops waiting and exits; one whose main process
+        stopped reading (`close`) stops waiting and returns to the DataLoader's loop, which ends it."""
         k, waited = call % self.slots, 0
         while int(self.busy[reader, k]):
+            if int(self.closed[0]):
+                raise LoaderStopped("the main process reads no more batches from this loader")
             time.sleep(poll)
             waited += 1
             if waited % 500 == 0 and not _alive(self.owner):
@@ -92,6 +100,39 @@ class BatchRing:
 
     def release(self, reader: int, slot: int) -> None:
         self.busy[reader, slot] = 0
+
+    def close(self) -> None:
+        """The main process reads no more of this ring."""
+        self.closed[0] = 1
+
+
+# The DataLoader iterators of the loaders' iterations that have not ended (stop_workers ends them).
+_RUNNING: Dict[int, Any] = {}
+
+
+def running_workers(loader_iter: Any) -> Any:
+    """Hold `loader_iter` (a DataLoader iterator with workers) until stop_workers: a loader's iteration
+    dropped inside a reference cycle (an exception's traceback, a frame that holds it) is freed by the
+    garbage collector, which runs the finalizers of the iterator's queues (closing them) before any
+    generator's `finally`; held here, the iterator and its queues stay alive until that `finally` has
+    ended the workers."""
+    _RUNNING[id(loader_iter)] = loader_iter
+    return loader_iter
+
+
+def stop_workers(loader_iter: Any, ring: Optional[BatchRing]) -> None:
+    """End a DataLoader iterator's workers now, when the loader's iteration ends early (an error, a
+    run that stops, an iterator dropped): the ring's waiting workers stop waiting, then the
+    DataLoader's own shutdown (what its __del__ calls; idempotent) ends them. Left to __del__, an
+    iterator that a reference cycle holds is freed by the garbage collector, which closes its index
+    queues first: its workers never get the shutdown message and each costs the 5 s join timeout
+    (10 s with 2 workers, on the next collection), then is terminated."""
+    _RUNNING.pop(id(loader_iter), None)
+    if ring is not None:
+        ring.close()
+    shutdown = getattr(loader_iter, "_shutdown_workers", None)  # the multi-process iterator's; torch >= 1.x
+    if shutdown is not None:
+        shutdown()
 
 
 def _alive(pid: int) -> bool:

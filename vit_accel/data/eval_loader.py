@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .reader import ShardList, iter_records
 from .samples import BadSampleStats, Opts, ReaderTally, bad_sample_error, decode_sample, identity, too_many_bad
-from .batches import BatchRing, shared_uint8
+from .batches import BatchRing, running_workers, shared_uint8, stop_workers
 from .fastpath import eval_sample
 from .transforms import resample_filter, resolve_decoder
 
@@ -118,30 +118,33 @@ class EvalLoader:
         else:  # see batches.BatchRing: the DataLoader's prefetch (chunks per worker) + 1 slots
             prefetch = 2
             ring = BatchRing(self.workers, prefetch + 1, self.batch_size, self.o.img_size)
-            it = iter(DataLoader(_EvalPart(self.o, ring), batch_size=None, num_workers=self.workers,
-                                 collate_fn=identity, prefetch_factor=prefetch))
+            it = running_workers(iter(DataLoader(_EvalPart(self.o, ring), batch_size=None, num_workers=self.workers,
+                                                 collate_fn=identity, prefetch_factor=prefetch)))
         self.stats = BadSampleStats()
         last = {}  # type: Dict[int, Tuple[int, int]]
         pending = []  # type: List[Tuple[torch.Tensor, torch.Tensor, List[str]]]
         have = 0
-        for images, labels, keys, info in it:
-            # Workers send running counts; take the increase since that worker's previous chunk.
-            prev = last.get(info["worker"], (0, 0))
-            self.stats.add(info["seen"] - prev[0], info["bad"] - prev[1], info["new_bad"])
-            last[info["worker"]] = (info["seen"], info["bad"])
-            if too_many_bad(self.stats.bad, self.stats.seen, self.o.max_bad_fraction):
-                raise bad_sample_error(self.stats.bad, self.stats.seen, self.o.max_bad_fraction, self.stats.examples,
-                                 "in validation")
-            if "slot" in info:
-                images = ring_copy(ring, info["worker"], info["slot"], len(keys))
-            if len(keys):
-                pending.append((images, labels, keys))
-                have += len(keys)
-            while have >= self.batch_size:
-                yield self._take(pending, self.batch_size)
-                have -= self.batch_size
-        if have:
-            yield self._take(pending, have)
+        try:
+            for images, labels, keys, info in it:
+                # Workers send running counts; take the increase since that worker's previous chunk.
+                prev = last.get(info["worker"], (0, 0))
+                self.stats.add(info["seen"] - prev[0], info["bad"] - prev[1], info["new_bad"])
+                last[info["worker"]] = (info["seen"], info["bad"])
+                if too_many_bad(self.stats.bad, self.stats.seen, self.o.max_bad_fraction):
+                    raise bad_sample_error(self.stats.bad, self.stats.seen, self.o.max_bad_fraction,
+                                           self.stats.examples, "in validation")
+                if "slot" in info:
+                    images = ring_copy(ring, info["worker"], info["slot"], len(keys))
+                if len(keys):
+                    pending.append((images, labels, keys))
+                    have += len(keys)
+                while have >= self.batch_size:
+                    yield self._take(pending, self.batch_size)
+                    have -= self.batch_size
+            if have:
+                yield self._take(pending, have)
+        finally:
+            stop_workers(it, ring)
 
     def _take(self, pending: List[Any], n: int) -> Any:
         """Cut the first n samples off the pending chunks (chunks stay in arrival order)."""

@@ -56,7 +56,7 @@ from .reader import (DataError, ResumeMismatch, ShardList, plan_streams, resampl
                      stream_records)
 from .samples import BadSampleStats, Opts, ReaderTally, bad_sample_error, decode_sample, identity, too_many_bad
 from .settings import check_decode_place
-from .batches import BatchRing, PixelBatch, new_train_batch
+from .batches import BatchRing, PixelBatch, new_train_batch, running_workers, stop_workers
 from .device_decode import DeviceDecoder
 from .transforms import describe_decoder, resample_filter, resolve_decoder
 
@@ -337,9 +337,10 @@ class TrainLoader:
         if o.decode == "cpu":
             part = o.per_stream * -(-len(o.rank_streams) // o.readers)
             ring = BatchRing(o.readers, self.prefetch_factor + 1, part, o.img_size)
-        return iter(DataLoader(_EpochPart(o, epoch, start, positions, ring), batch_size=None, num_workers=o.readers,
-                               collate_fn=identity, pin_memory=self.pin_memory and ring is None,
-                               prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_signals)), ring
+        return running_workers(iter(DataLoader(
+            _EpochPart(o, epoch, start, positions, ring), batch_size=None, num_workers=o.readers, collate_fn=identity,
+            pin_memory=self.pin_memory and ring is None, prefetch_factor=self.prefetch_factor,
+            worker_init_fn=_worker_signals))), ring
 
     def _device_decoded(self, images: Any, labels: torch.Tensor, keys: List[str], info: Dict[str, Any]):
         """A part of EncodedImages decoded on the device (a sample it cannot decode is counted and replaced)."""
@@ -383,35 +384,38 @@ class TrainLoader:
         o = self.o
         parts_per_call = o.readers if o.workers > 0 else 1
         it, ring = self._epoch_iter(self._epoch, self._batch, self._positions)
-        while True:
-            for b in range(self._batch, self.batches_per_epoch):
-                try:
-                    parts = [next(it) for _ in range(parts_per_call)]
-                except StopIteration:
-                    raise DataError("epoch %d ended after %d of %d batches (a reader stopped early)"
-                                    % (self._epoch, b, self.batches_per_epoch)) from None
-                for _, _, _, info in parts:
-                    for v, pos in info["positions"].items():
-                        prev = self._positions[v]
-                        self.stats.add(pos[1] - prev[1], pos[2] - prev[2], [])
-                        self._positions[v] = list(pos)
-                    self.stats.add(0, 0, info["new_bad"])
-                if self.device_decoder is not None:  # each part on the device, then assembled like pixels
-                    parts = [self._device_decoded(*part) for part in parts]
-                if too_many_bad(self.stats.bad, self.stats.seen, o.max_bad_fraction):
-                    raise bad_sample_error(self.stats.bad, self.stats.seen, o.max_bad_fraction, self.stats.examples,
-                                           "on rank %d" % o.rank)
-                images, labels, keys = self._assemble(parts, ring)
-                last = b + 1 == self.batches_per_epoch
-                if last:
-                    # The next epoch's workers start now (process spawn, shard open, first decode)
-                    # and overlap this epoch's last step; this epoch's are done.
-                    del it, ring
-                    it, ring = self._epoch_iter(self._epoch + 1, 0, self._fresh_positions())
-                    self._epoch, self._batch, self._positions = self._epoch + 1, 0, self._fresh_positions()
-                else:
-                    self._batch = b + 1
-                yield (images, labels, keys) if self.return_keys else (images, labels)
+        try:
+            while True:
+                for b in range(self._batch, self.batches_per_epoch):
+                    try:
+                        parts = [next(it) for _ in range(parts_per_call)]
+                    except StopIteration:
+                        raise DataError("epoch %d ended after %d of %d batches (a reader stopped early)"
+                                        % (self._epoch, b, self.batches_per_epoch)) from None
+                    for _, _, _, info in parts:
+                        for v, pos in info["positions"].items():
+                            prev = self._positions[v]
+                            self.stats.add(pos[1] - prev[1], pos[2] - prev[2], [])
+                            self._positions[v] = list(pos)
+                        self.stats.add(0, 0, info["new_bad"])
+                    if self.device_decoder is not None:  # each part on the device, then assembled like pixels
+                        parts = [self._device_decoded(*part) for part in parts]
+                    if too_many_bad(self.stats.bad, self.stats.seen, o.max_bad_fraction):
+                        raise bad_sample_error(self.stats.bad, self.stats.seen, o.max_bad_fraction,
+                                               self.stats.examples, "on rank %d" % o.rank)
+                    images, labels, keys = self._assemble(parts, ring)
+                    last = b + 1 == self.batches_per_epoch
+                    if last:
+                        # The next epoch's workers start now (process spawn, shard open, first decode)
+                        # and overlap this epoch's last step; this epoch's are done.
+                        stop_workers(it, ring)
+                        it, ring = self._epoch_iter(self._epoch + 1, 0, self._fresh_positions())
+                        self._epoch, self._batch, self._positions = self._epoch + 1, 0, self._fresh_positions()
+                    else:
+                        self._batch = b + 1
+                    yield (images, labels, keys) if self.return_keys else (images, labels)
+        finally:
+            stop_workers(it, ring)
 
 
 def _check_layout(shards: ShardList, streams: int, global_batch: int, world_size: int, resampled: bool,
