@@ -110,3 +110,15 @@ def test_configs_help_and_recipe_checks_answer_without_loading_torch(tmp_path):
     assert "model.nme" in lines[4] and "rand_augment" in lines[5]
     assert lines[6] == "loaded: []", p.stdout
     assert lines[7] == "3"
+
+
+def test_top_level_help_still_lists_every_command(capsys):
+    from vit_accel.cli import EXTERNAL_COMMANDS
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    external = {fn[len("add_"):-len("_parser")].replace("_", "-") for _, fn in EXTERNAL_COMMANDS}
+    assert external == {"convert", "inspect", "make-shards", "bench-data", "plan", "bench"}
+    listed = {line.split()[0] for line in out.splitlines() if line.startswith("    ") and line[4] != " "}
+    assert external | {"train", "eval", "predict", "configs", "report"} <= listed, listed
