@@ -1,15 +1,15 @@
 """vit-accel: one Vision Transformer, trained the same way on CPU, NVIDIA GPUs and Graphcore IPUs."""
 __version__ = "0.1.0"
 
-# The model's names load torch: imported on first use, so that `vit-accel configs`, `--help` and a
-# recipe's errors answer without it.
-_MODEL_NAMES = ("VARIANTS", "ViT", "ViTConfig", "create_vit", "vit_config")
-__all__ = list(_MODEL_NAMES)
+# name -> the module defining it, imported on first use (the model's load torch): `vit-accel configs`,
+# `--help` and a recipe's errors answer without it.
+_WHERE = {"VARIANTS": "variants", "ViT": "model", "ViTConfig": "model", "create_vit": "model", "vit_config": "model"}
+__all__ = sorted(_WHERE)
 
 
 def __getattr__(name):
-    if name in _MODEL_NAMES:
-        from . import model
+    if name in _WHERE:
+        import importlib
 
-        return getattr(model, name)
+        return getattr(importlib.import_module("." + _WHERE[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,7 +25,6 @@ from ..engine.saving import current_writer
 from ..model import PORTABLE_OPS, unwrap
 
 
-
 @dataclass
 class StepResult:
     loss: float                      # mean training loss over the images of the call

@@ -26,7 +26,6 @@ from .reader import DataError
 from .transforms import random_resized_crop_box
 
 
-
 def shared_uint8(shape: Sequence[int], shared: bool) -> torch.Tensor:
     """An uninitialized uint8 tensor, allocated in shared memory when `shared` (a worker's batch)."""
     shape = tuple(int(s) for s in shape)

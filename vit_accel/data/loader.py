@@ -380,9 +380,26 @@ class TrainLoader:
                 ring.release(*info["slot"])
         return images, labels, keys
 
-    def __iter__(self) -> Iterator[Any]:
+    def _call_batch(self, parts: List[Tuple[Any, ...]], ring: Optional[BatchRing]
+                    ) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+        """One call's parts -> the process's batch: positions and bad-sample counts taken, device-decoded
+        parts decoded, the bad-sample limit checked, the parts assembled."""
         o = self.o
-        parts_per_call = o.readers if o.workers > 0 else 1
+        for _, _, _, info in parts:
+            for v, pos in info["positions"].items():
+                prev = self._positions[v]
+                self.stats.add(pos[1] - prev[1], pos[2] - prev[2], [])
+                self._positions[v] = list(pos)
+            self.stats.add(0, 0, info["new_bad"])
+        if self.device_decoder is not None:  # each part on the device, then assembled like pixels
+            parts = [self._device_decoded(*part) for part in parts]
+        if too_many_bad(self.stats.bad, self.stats.seen, o.max_bad_fraction):
+            raise bad_sample_error(self.stats.bad, self.stats.seen, o.max_bad_fraction, self.stats.examples,
+                                   "on rank %d" % o.rank)
+        return self._assemble(parts, ring)
+
+    def __iter__(self) -> Iterator[Any]:
+        parts_per_call = self.o.readers if self.o.workers > 0 else 1
         it, ring = self._epoch_iter(self._epoch, self._batch, self._positions)
         try:
             while True:
@@ -392,20 +409,8 @@ class TrainLoader:
                     except StopIteration:
                         raise DataError("epoch %d ended after %d of %d batches (a reader stopped early)"
                                         % (self._epoch, b, self.batches_per_epoch)) from None
-                    for _, _, _, info in parts:
-                        for v, pos in info["positions"].items():
-                            prev = self._positions[v]
-                            self.stats.add(pos[1] - prev[1], pos[2] - prev[2], [])
-                            self._positions[v] = list(pos)
-                        self.stats.add(0, 0, info["new_bad"])
-                    if self.device_decoder is not None:  # each part on the device, then assembled like pixels
-                        parts = [self._device_decoded(*part) for part in parts]
-                    if too_many_bad(self.stats.bad, self.stats.seen, o.max_bad_fraction):
-                        raise bad_sample_error(self.stats.bad, self.stats.seen, o.max_bad_fraction,
-                                               self.stats.examples, "on rank %d" % o.rank)
-                    images, labels, keys = self._assemble(parts, ring)
-                    last = b + 1 == self.batches_per_epoch
-                    if last:
+                    images, labels, keys = self._call_batch(parts, ring)
+                    if b + 1 == self.batches_per_epoch:
                         # The next epoch's workers start now (process spawn, shard open, first decode)
                         # and overlap this epoch's last step; this epoch's are done.
                         stop_workers(it, ring)
@@ -414,7 +419,7 @@ class TrainLoader:
                     else:
                         self._batch = b + 1
                     yield (images, labels, keys) if self.return_keys else (images, labels)
-        finally:
+        finally:  # an iteration that ends early ends its workers now (batches.stop_workers)
             stop_workers(it, ring)
 
 

@@ -52,8 +52,8 @@ def resolve_decoder(name: str) -> str:
 
     The decoder of full-size JPEGs in the fast path (`fastpath.train_sample`, `eval_sample`):
     "libjpeg" decodes only a training crop's rows and iMCU columns (evaluation: the pixels its
-    center crop's resize reads) and, like "torchvision", decodes whole images with torchvision's decoder; reduced (DCT-scaled) decodes and PNGs go through PIL
-    (or simplejpeg when named).
+    center crop's resize reads) and, like "torchvision", decodes whole images with torchvision's
+    decoder; reduced (DCT-scaled) decodes and PNGs go through PIL (or simplejpeg when named).
     """
     if name in ("auto", "libjpeg"):
         from . import jpeg_region

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
-from ..errors import CheckpointWriteError  # noqa: F401  (raised here; defined beside the other user errors)
+from ..errors import CheckpointWriteError
 
 MARKER_FORMAT = "vit-accel-checkpoint-complete"
 

@@ -230,8 +230,7 @@ def _train_on(backend: Backend, resolved: Resolved, run_dir: Optional[str], resu
     if resolved.class_names:
         say(f"classes: {len(resolved.class_names)} ({', '.join(resolved.class_names[:10])}"
             f"{', ...' if len(resolved.class_names) > 10 else ''})")
-    if hasattr(run.train_loader, "describe"):
-        say(run.train_loader.describe())
+    say(run.train_loader.describe())
     if ckpt_path is not None:
         _restore(run, ckpt_path, trust_checkpoint)
     # a feed that reads ahead: checkpoints take its position (of the batches it handed out)
