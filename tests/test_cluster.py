@@ -9,6 +9,7 @@ bit for bit on the same world size, within float summation order (1e-5) across w
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import resource
@@ -21,6 +22,7 @@ import pytest
 
 from cluster_runs import (EVERY, ROOT, STEPS, SlurmCluster, children, copy_until, finish, free_port, records,
                           torchrun, train_args, wait_for_step, weights, worker_pid, worst)
+from testkit import made_once
 from vit_accel.cli import main
 from vit_accel.engine.rundir import list_checkpoints
 from vit_accel.engine.saving import read_marker
@@ -29,25 +31,31 @@ from vit_accel.engine.stop import EXIT_STOPPED
 ACROSS_WORLD_SIZES = 1e-5
 
 
+# The data and the two references are made once per session (the xdist workers share them; the
+# tests only read them).
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
+    return Path(made_once(tmp_path_factory, "cluster_data", str))
 
 
 @pytest.fixture(scope="module")
 def solo(data_root, tmp_path_factory):
     """The uninterrupted run on one process."""
-    rd = tmp_path_factory.mktemp("solo") / "run"
-    assert main(train_args(data_root) + ["--run-dir", str(rd)]) == 0
-    return rd
+    def run(folder):
+        assert main(train_args(data_root) + ["--run-dir", str(folder / "run")]) == 0
+        return str(folder / "run")
+
+    return Path(made_once(tmp_path_factory, "cluster_solo", run))
 
 
 @pytest.fixture(scope="module")
 def pair(data_root, tmp_path_factory):
     """The uninterrupted run on two processes (launch/torchrun.sh)."""
-    base = tmp_path_factory.mktemp("pair")
-    finish(torchrun(train_args(data_root) + ["--run-dir", str(base / "run")], base, base / "log"), base / "log")
-    return base / "run"
+    def run(base):
+        finish(torchrun(train_args(data_root) + ["--run-dir", str(base / "run")], base, base / "log"), base / "log")
+        return str(base / "run")
+
+    return Path(made_once(tmp_path_factory, "cluster_pair", run))
 
 
 def _losses(rd: Path):
@@ -188,8 +196,9 @@ def test_a_run_resumes_on_fewer_or_more_processes(solo, pair, data_root, tmp_pat
 
 
 @pytest.mark.slow
-def test_zero3_stop_signal_then_resume_on_two_processes(pair, data_root, tmp_path):
-    """ZeRO-3's own shards resume the same world size; another world size: tests/test_zero.py."""
+def test_zero3_stop_signal_then_resume_on_two_processes(pair, data_root, tmp_path, capsys):
+    """ZeRO-3's own shards resume the same world size (another world size: tests/test_zero.py), and
+    the consolidated checkpoint evaluates on one process."""
     pytest.importorskip("deepspeed", reason="deepspeed is not installed")
     zero = train_args(data_root, "distributed.zero_stage=3")
     rd, log = tmp_path / "z3", tmp_path / "log"
@@ -205,6 +214,16 @@ def test_zero3_stop_signal_then_resume_on_two_processes(pair, data_root, tmp_pat
     finish(torchrun(zero + ["--run-dir", str(rd), "--resume", "auto"], tmp_path, log), log)
     assert records(rd, "resume")[-1]["step"] == stopped
     assert worst(weights(rd), weights(pair)) < ACROSS_WORLD_SIZES     # ZeRO-3 against plain data parallel
+
+    # its checkpoint evaluates on one process: the validation images once split over the 2 ranks
+    capsys.readouterr()
+    train = train_args(data_root)
+    assert main(["eval", "--backend", "cpu", "--checkpoint", str(rd / "checkpoints" / f"step_{STEPS:07d}.pt"), "--json"]
+                + [a for a in train[1:] if a != "--no-progress"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    val = records(rd, "val")[-1]
+    assert res["val_count"] == val["val_count"] == 360
+    assert abs(res["val_loss"] - val["val_loss"]) < 1e-4 and abs(res["val_top1"] - val["val_top1"]) < 1e-9
 
 
 @pytest.fixture(scope="module")

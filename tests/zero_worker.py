@@ -1,15 +1,19 @@
 """torchrun worker for tests/test_zero.py: the DeepSpeed strategy driven directly, no trainer.
 
-    torchrun --nproc_per_node 2 tests/zero_worker.py --out DIR --runs=-1:fp32,0:fp32,3:fp32,3:bf16
+    torchrun --nproc_per_node 2 tests/zero_worker.py --out DIR --runs=-1:fp32,0:fp32,3:fp32,3:bf16 [--val SPEC]
 
 For each run (zero_stage:precision) it builds CPUBackend with a small ViT, trains a few steps on
 seeded synthetic data (the same on every run), checkpoints half-way, and records per-step losses.
 A ZeRO run then resumes from that checkpoint in a fresh backend and replays the second half, and
 evaluates a fixed batch. Rank 0 writes DIR/results.json; the test compares the runs.
+
+With --val, the same processes then evaluate under ZeRO-3 over the validation shards SPEC, which
+split unevenly over the ranks: each writes DIR/eval/rank{R}.json (forward calls made, the summed result).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -20,9 +24,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from vit_accel.backends import create_backend  # noqa: E402
 from vit_accel.backends.cpu import CPUBackend  # noqa: E402
-from vit_accel.config import Recipe  # noqa: E402
+from vit_accel.config import Recipe, load_recipe  # noqa: E402
+from vit_accel.data import build_eval_loader  # noqa: E402
 from vit_accel.engine import distributed  # noqa: E402
+from vit_accel.engine.trainer import build_model, evaluate  # noqa: E402
 from vit_accel.engine.schedule import lr_at  # noqa: E402
 from vit_accel.model import create_vit  # noqa: E402
 
@@ -74,6 +81,28 @@ def mean_over_ranks(backend, values):
     return (t / distributed.world_size()).tolist()
 
 
+def uneven_eval(val: str, out: Path) -> None:
+    """ZeRO-3 validation through the trainer's evaluate, counting the backend's forward calls."""
+    recipe = load_recipe("vit-ti-digits", ["model.depth=1", "train.global_batch_size=16", "cpu.micro_batch_size=8",
+                                           "train.eval_batch_size=16", "distributed.zero_stage=3",
+                                           "data.source=shards", "model.num_classes=10", "data.workers=0"],
+                         backends=["cpu"])
+    torch.manual_seed(0)
+    backend = create_backend("cpu", recipe)
+    backend.setup(build_model(recipe, backend))
+    calls = []
+    inner = backend.eval_step
+    backend.eval_step = lambda images: calls.append(images.shape[0]) or inner(images)
+    loader = build_eval_loader(dataclasses.replace(recipe.data, val_shards=val), recipe.model.img_size,
+                               backend.eval_batch_size, rank=distributed.rank(), world_size=distributed.world_size(),
+                               return_keys=True)
+    res = evaluate(backend, recipe, loader, [str(i) for i in range(10)])
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"rank{distributed.rank()}.json", "w") as f:
+        json.dump({"calls": len(calls), "images": calls, "own_samples": loader.num_samples, **res}, f)
+    backend.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -81,6 +110,7 @@ def main() -> None:
                     help="comma-separated zero_stage:precision (pass as --runs=... because of the '-1')")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--local_rank", type=int, default=None)   # the deepspeed launcher passes it
+    ap.add_argument("--val", default=None, help="then: ZeRO-3 validation over these shards (uneven_eval)")
     args = ap.parse_args()
     out = Path(args.out)
     results = {}
@@ -115,6 +145,8 @@ def main() -> None:
         results[spec] = rec
     if int(os.environ.get("RANK", "0")) == 0:
         (out / "results.json").write_text(json.dumps(results, indent=1))
+    if args.val:
+        uneven_eval(args.val, out / "eval")
     distributed.barrier()
     distributed.leave_process_group()
 
