@@ -100,7 +100,6 @@ def test_configs_help_and_recipe_checks_answer_without_loading_torch(tmp_path):
         for code, text in results:
             print(code, repr(text[-300:]))
         print("loaded:", loaded)
-        import vit_accel
         print(vit_accel.create_vit("vit-ti16", num_classes=3).head.out_features)  # the package's names load on use
     """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)

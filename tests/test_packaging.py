@@ -108,8 +108,12 @@ def _venv(path: Path, pip: bool = False) -> Path:
     return py
 
 
-# The installs below pass --no-compile: a test imports a few modules of what it installs, and byte-compiling
-# all of transformers was most of the Hugging Face environment's install time.
+def _pip_install(py, *args):
+    """`pip install ARGS` in that interpreter's environment, without byte-compiling: a test imports a few
+    modules of what it installs, and compiling all of transformers was most of that environment's install."""
+    return [py, "-m", "pip", "install", "--no-compile", *args]
+
+
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIT_ACCEL_CONFIGS")}
     env.update(PIP_DISABLE_PIP_VERSION_CHECK="1", PYTHONNOUSERSITE="1", **extra)
@@ -191,8 +195,7 @@ def test_wheel_installs_the_recipes_and_kernels(built, tmp_path):
     py = _venv(tmp_path / "venv")
     site = Path(sysconfig.get_paths(vars={"base": str(tmp_path / "venv")})["purelib"])
     env = _env(PIP_NO_INDEX="1")
-    _ok(_run([py, "-m", "pip", "install", "-q", "--no-compile", "--no-deps", "--ignore-installed", wheel],
-             tmp_path, env))
+    _ok(_run(_pip_install(py, "-q", "--no-deps", "--ignore-installed", wheel), tmp_path, env))
     where = _where(py, tmp_path, env, "vit_accel", *KERNEL_MODULES)
     assert all(f.startswith(str(site)) for f in where.values()), where
 
@@ -217,14 +220,10 @@ def test_legacy_editable_install_with_an_old_setuptools(tmp_path):
     src = _copy_source(tmp_path / "src")
     py = _venv(tmp_path / "venv", pip=True)
     env = _env()
-    out = _run([py, "-m", "pip", "install", "-q", "--no-compile", "--ignore-installed", "setuptools==63.4.3",
-                "wheel==0.45.1"],
-               tmp_path, env)
+    out = _run(_pip_install(py, "-q", "--ignore-installed", "setuptools==63.4.3", "wheel==0.45.1"), tmp_path, env)
     _pip_online(out)
     _ok(out)
-    out = _run([py, "-m", "pip", "install", "--no-compile", "--no-deps", "--no-build-isolation", "--ignore-installed",
-                "-e", src],
-               tmp_path, env)
+    out = _run(_pip_install(py, "--no-deps", "--no-build-isolation", "--ignore-installed", "-e", src), tmp_path, env)
     text = _ok(out)
     assert "setup.py develop" in text or "Running setup.py develop" in text or "egg-link" in out.stderr + text \
         or list((tmp_path / "venv").rglob("*.egg-link")), "pip did not take the legacy editable path"
@@ -248,8 +247,8 @@ def _make_hf_stack_venv(tmp: Path):
     # torch and torchvision stay this environment's (newer ones would be several GB of CUDA wheels)
     pins = tmp / "pins.txt"
     pins.write_text("".join(f"{d}=={_version(d)}\n" for d in ("torch", "torchvision")))
-    out = _run([py, "-m", "pip", "install", "-q", "--no-compile", "-c", pins, "--upgrade", "kernels", "transformers",
-                "timm", "setuptools", "wheel"], tmp, env)
+    out = _run(_pip_install(py, "-q", "-c", pins, "--upgrade", "kernels", "transformers", "timm", "setuptools",
+                            "wheel"), tmp, env)
     _pip_online(out)
     _ok(out)
     seen = {d: _venv_version(py, tmp, env, d) for d in ("kernels", "transformers", "timm", "huggingface_hub",
@@ -278,7 +277,7 @@ def test_installs_next_to_the_current_hugging_face_stack(built, hf_stack_venv, t
     py, env, seen = hf_stack_venv
     venv = py.parent.parent
     assert seen["kernels"], seen
-    args, src = [py, "-m", "pip", "install", "-q", "--no-compile", "--no-deps", "--force-reinstall"], None
+    args, src = _pip_install(py, "-q", "--no-deps", "--force-reinstall"), None
     if how == "built-wheel":
         args += [built[1]]
     else:

@@ -29,8 +29,8 @@ from vit_accel.backends.cpu import CPUBackend  # noqa: E402
 from vit_accel.config import Recipe, load_recipe  # noqa: E402
 from vit_accel.data import build_eval_loader  # noqa: E402
 from vit_accel.engine import distributed  # noqa: E402
-from vit_accel.engine.trainer import build_model, evaluate  # noqa: E402
 from vit_accel.engine.schedule import lr_at  # noqa: E402
+from vit_accel.engine.trainer import build_model, evaluate  # noqa: E402
 from vit_accel.model import create_vit  # noqa: E402
 
 MODEL = dict(img_size=32, patch_size=8, num_classes=10, depth=3)

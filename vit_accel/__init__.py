@@ -1,15 +1,22 @@
 """vit-accel: one Vision Transformer, trained the same way on CPU, NVIDIA GPUs and Graphcore IPUs."""
+import importlib
+from typing import Any, Callable, Dict
+
 __version__ = "0.1.0"
 
-# name -> the module defining it, imported on first use (the model's load torch): `vit-accel configs`,
-# `--help` and a recipe's errors answer without it.
+
+def lazy_names(package: str, where: Dict[str, str]) -> Callable[[str], Any]:
+    """A package's module ``__getattr__`` for names it loads on first use: ``where`` maps each name to
+    the submodule defining it (this package and vit_accel.data: most of their names load torch,
+    and `vit-accel configs`, `--help` and a recipe's errors answer without it)."""
+    def __getattr__(name: str) -> Any:
+        if name in where:
+            return getattr(importlib.import_module("." + where[name], package), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
 _WHERE = {"VARIANTS": "variants", "ViT": "model", "ViTConfig": "model", "create_vit": "model", "vit_config": "model"}
 __all__ = sorted(_WHERE)
-
-
-def __getattr__(name):
-    if name in _WHERE:
-        import importlib
-
-        return getattr(importlib.import_module("." + _WHERE[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _WHERE)

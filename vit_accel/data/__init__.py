@@ -12,7 +12,7 @@
 """
 from __future__ import annotations
 
-import importlib
+from .. import lazy_names
 
 # name -> the module defining it, imported on first use: most of them load torch, and config.py's
 # recipe checks import .settings from here without it (`vit-accel configs` answers without torch).
@@ -25,12 +25,5 @@ _WHERE = {
     "resolve_shards": "specs", "build_eval_loader": "sources", "build_train_loader": "sources",
     "shard_spec": "sources", "shard_specs": "sources", "normalize": "transforms",
 }
-
-
-def __getattr__(name):
-    if name in _WHERE:
-        return getattr(importlib.import_module("." + _WHERE[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = sorted(_WHERE)
+__getattr__ = lazy_names(__name__, _WHERE)
