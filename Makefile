@@ -44,9 +44,6 @@ envs:
 # process compiles the package, and every pytest process rewrites every test module, again.
 test test-fast test-torch20: export PYTHONDONTWRITEBYTECODE :=
 
-# The cluster tests (torchrun and SLURM jobs that are killed, signalled and requeued, each on its
-# own ports) run after the rest, on their own: no other test's processes take ports or CPU from them.
-CLUSTER_TESTS := tests/test_cluster.py
 LOG20 ?= build/test-torch20.log
 
 # The torch 2.0.1 pass (one process in its own interpreter, one intra-op thread as each xdist worker)
@@ -57,11 +54,10 @@ LOG20 ?= build/test-torch20.log
 test: envs lint-py38
 	@mkdir -p $(dir $(LOG20)); rm -f $(LOG20) $(LOG20).rc; \
 	{ export OMP_NUM_THREADS=1; { $(TEST20_IPU) && $(TEST20_TRUST); } > $(LOG20) 2>&1; echo $$? > $(LOG20).rc; } & \
-	env $(INTERP) $(PY) -m pytest -q -rs -n $(JOBS) --dist worksteal --durations=25 --ignore=$(CLUSTER_TESTS) \
+	env $(INTERP) $(PY) -m pytest -q -rs -n $(JOBS) --dist worksteal --durations=25 \
 		$(addprefix --ignore=,$(IPU_ONLY_TESTS)) tests; \
 	main=$$?; wait; echo "== torch 2.0.1 pass (make test-torch20, beside the main pass):"; cat $(LOG20); \
 	test $$main -eq 0 && test "$$(cat $(LOG20).rc)" = 0
-	$(PY) -m pytest -q -rs -n $(JOBS) --dist worksteal $(CLUSTER_TESTS)
 
 # The inner loop: everything but the multi-process and end-to-end runs (marker `slow`).
 test-fast: $(STAMP)

@@ -157,6 +157,9 @@ class SlurmCluster:
             "SlurmUser=root", "SlurmdUser=root", "AuthType=auth/munge", "CredType=cred/munge",
             f"AuthInfo=socket={d}/munge.sock", "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "ReturnToService=2", "MpiDefault=none",
+            # the scheduling passes (one starts a requeued job once its start time has come and the node is
+            # free again) every second, not every 60 and 30
+            "SchedulerParameters=sched_interval=1,bf_interval=1",
             f"StateSaveLocation={d}/state", f"SlurmdSpoolDir={d}/spool", f"SlurmctldPidFile={d}/slurmctld.pid",
             f"SlurmdPidFile={d}/slurmd.pid", f"SlurmctldLogFile={d}/slurmctld.log", f"SlurmdLogFile={d}/slurmd.log",
             f"NodeName={host} CPUs=2 State=UNKNOWN", f"PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE "

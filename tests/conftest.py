@@ -58,7 +58,38 @@ def pytest_addoption(parser):
                      help="run only the first test of each file (tools/gpu_check.sh --dry-run)")
 
 
+# The modules whose tests run many processes (launches, installs, end-to-end runs) and about the CPU
+# seconds each takes on two cores: under pytest-xdist they start the workers' shares, so that each
+# worker ends on short tests. (worksteal hands each worker a contiguous share of the collected order
+# and an idle worker steals from the end of another's; a long test last holds every other core idle.)
+HEAVY_MODULES = {"test_zero.py": 80, "test_cluster.py": 65, "test_packaging.py": 50, "test_train_cpu.py": 40,
+                 "test_readme.py": 35, "test_gpu_check_script.py": 20}
+
+
+def heavy_first(items: list, workers: int) -> list:
+    """The items in worker shares (as many as the workers, of the sizes worksteal gives): the heavy
+    modules spread over the shares, heaviest first to the lightest share, each share's heavy modules
+    before its others; every module's items stay in their order."""
+    heavy = {name: [i for i in items if i.path.name == name] for name in HEAVY_MODULES}
+    shares, load = [[] for _ in range(workers)], [0] * workers
+    for name in sorted(HEAVY_MODULES, key=HEAVY_MODULES.get, reverse=True):
+        k = load.index(min(load))
+        shares[k] += heavy[name]
+        load[k] += HEAVY_MODULES[name]
+    rest = [i for i in items if i.path.name not in HEAVY_MODULES]
+    out = []
+    for k, share in enumerate(shares):
+        size = (len(items) - len(out)) // (workers - k)   # the share worksteal sends this worker
+        take = max(0, size - len(share))
+        out += share + rest[:take]
+        rest = rest[take:]
+    return out + rest
+
+
 def pytest_collection_modifyitems(config, items):
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))   # in each xdist worker (same order in all)
+    if workers > 1:
+        items[:] = heavy_first(items, workers)
     if not config.getoption("--one-per-file"):
         return
     seen, keep, drop = set(), [], []

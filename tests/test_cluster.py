@@ -262,7 +262,7 @@ def test_slurm_signal_requeues_the_job_which_ends_with_the_uninterrupted_weights
     _until("requeued", lambda: slurm.job(job).get("Restarts") == "1" and slurm.job(job).get("JobState") == "PENDING")
     # A requeued job waits about two minutes; start it sooner, but not in the second its first run was
     # killed: slurmd refuses credentials issued then ("Job credential revoked") and the job FAILS.
-    slurm.run("scontrol", "update", f"jobid={job}", "starttime=now+5")
+    slurm.run("scontrol", "update", f"jobid={job}", "starttime=now+2")
     state = _until("the requeued job's end", lambda: slurm.job(job).get("JobState") in ("COMPLETED", "FAILED",
                                                                                        "CANCELLED", "TIMEOUT")
                    and slurm.job(job))

@@ -39,6 +39,16 @@ def test_parameter_counts_match_timm(name, img, expected):
     assert _on_meta(name, img_size=img).num_params() == expected
 
 
+def test_a_model_on_the_meta_device_is_not_initialized(monkeypatch):
+    """Sizes only (inspect, plan): the init would fill nothing, and its ops import torch._dynamo (a second)."""
+    called = []
+    monkeypatch.setattr(ViT, "init_weights", lambda self: called.append(self))
+    _on_meta("vit-ti16", **TINY)
+    assert called == []
+    create_vit("vit-ti16", **TINY)
+    assert len(called) == 1
+
+
 def test_vit_b16_flops():
     cfg = vit_config("vit-b16")
     macs = count_macs(cfg)

@@ -6,6 +6,8 @@
 - Nothing in the repository root shadows another project's import name (PyPI's `kernels`, which
   today's transformers depends on, broke `pip install -e .` when the kernels folder was `kernels/`).
 - The wheel works in an environment that holds the current Hugging Face stack.
+- `make test`: the Triton interpreter decided when it runs, either pass failing fails it, and the
+  order of the pytest-xdist workers' shares (tests/conftest.py).
 
 The fresh environments borrow torch & co. from this one through a `.pth` line (read-only: pip
 never uninstalls a package outside the environment it installs into, and a `.pth` line runs no
@@ -13,6 +15,7 @@ never uninstalls a package outside the environment it installs into, and a `.pth
 """
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -20,6 +23,7 @@ import sysconfig
 import tarfile
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -36,7 +40,7 @@ def test_make_decides_on_the_triton_interpreter_when_the_test_recipe_runs(tmp_pa
     out = subprocess.run(["make", "-n", "test", f"VENV={tmp_path / 'no-venv'}"], cwd=REPO, text=True,
                          capture_output=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    line = next(ln for ln in out.stdout.splitlines() if "-m pytest" in ln and "--ignore=tests/test_cluster.py" in ln)
+    line = next(ln for ln in out.stdout.splitlines() if "-m pytest" in ln and "--dist worksteal" in ln)
     # the shell evaluates the probe in the recipe, with the venv's python, after the venv is built
     assert line.startswith("env $(") and "torch.cuda.is_available()" in line and "TRITON_INTERPRET=1" in line
     assert f"{tmp_path / 'no-venv'}/bin/python -c" in line
@@ -52,7 +56,7 @@ def test_make_test_fails_when_either_pass_beside_the_other_fails(tmp_path, main_
         pytest.skip("make is not installed")
     for stamp in ("stamp", "stamp20"):  # environments that are up to date, so nothing is installed
         (tmp_path / stamp).touch()
-    py = tmp_path / "py"  # the lint and the cluster pass pass; the main pass (--ignore=...) passes or fails
+    py = tmp_path / "py"  # the lint passes; the main pass (--ignore=...) passes or fails
     py.write_text("#!/bin/sh\necho \"[$PYTHONDONTWRITEBYTECODE] $*\" >> %s\n"
                   "case \"$*\" in *--ignore=*) exit %d;; esac\nexit 0\n" % (tmp_path / "calls", 0 if main_ok else 4))
     py.chmod(0o755)
@@ -64,10 +68,38 @@ def test_make_test_fails_when_either_pass_beside_the_other_fails(tmp_path, main_
     assert "torch20-ran" in out.stdout, out.stdout + out.stderr
     assert (out.returncode == 0) == (main_ok and torch20_ok), out.stdout + out.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
-    main_pass = next(c for c in calls if "--ignore=tests/test_cluster.py" in c)
-    # the test processes write bytecode caches; the IPU backend's own tests run in the torch 2.0.1 pass only
+    (main_pass,) = [c for c in calls if "-m pytest" in c]
+    # the test processes write bytecode caches; the IPU backend's own tests run in the torch 2.0.1 pass only;
+    # the cluster tests run in the main pass
     assert all(c.startswith("[] ") for c in calls), calls
     assert "--ignore=tests/test_ipu.py" in main_pass and "--ignore=tests/test_distributed_exit.py" not in main_pass
+    assert "test_cluster" not in main_pass and "--dist worksteal" in main_pass
+
+
+@pytest.mark.parametrize("workers", [2, 3, 5])
+def test_the_heavy_modules_start_the_workers_shares(workers):
+    """tests/conftest.py's order under pytest-xdist: each worker's share (of worksteal's sizes) starts
+    with its heavy modules, which are spread over the shares; nothing is lost or reordered in a module."""
+    from conftest import HEAVY_MODULES, heavy_first
+
+    assert all((REPO / "tests" / name).is_file() for name in HEAVY_MODULES), HEAVY_MODULES
+    rng = random.Random(workers)
+    names = [f"test_light{i}.py" for i in range(12)] + list(HEAVY_MODULES)
+    rng.shuffle(names)
+    items = [SimpleNamespace(path=Path("tests") / name, n=k) for name in names for k in range(rng.randint(1, 9))]
+    out = heavy_first(items, workers)
+    assert sorted(map(id, out)) == sorted(map(id, items))
+    for name in names:   # each module's items in their order
+        assert [i.n for i in out if i.path.name == name] == [i.n for i in items if i.path.name == name]
+    loads, start = [], 0
+    for k in range(workers):   # worksteal: each idle worker gets the pending count // the workers left
+        share = out[start:start + (len(out) - start) // (workers - k)]
+        start += len(share)
+        heavy = [i.path.name for i in share if i.path.name in HEAVY_MODULES]
+        assert heavy == [i.path.name for i in share[:len(heavy)]], k   # its heavy modules first
+        loads.append(sum(HEAVY_MODULES[n] for n in set(heavy)))
+    assert sum(loads) == sum(HEAVY_MODULES.values())   # every heavy module whole in one share
+    assert max(loads) - min(loads) <= max(HEAVY_MODULES.values())
 
 
 def test_nothing_in_the_repository_root_shadows_another_projects_import_name():

@@ -13,6 +13,7 @@ import torch
 
 from vit_accel.cli import main
 from vit_accel.engine.runlog import lr_curve
+from vit_accel.engine.saving import marker_path
 
 REPO = Path(__file__).resolve().parent.parent
 # a small, fast version of the embedded default
@@ -117,7 +118,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, data_root
     rd = tmp_path / "killed"
     victim = _run(common + ["--run-dir", str(rd)], cwd=tmp_path)
     deadline = time.time() + 600
-    while not (rd / "checkpoints" / "step_0000016.pt").exists():
+    # its step 16 complete (the marker is written after the checkpoint, by the writer thread)
+    while not marker_path(rd / "checkpoints" / "step_0000016.pt").exists():
         assert victim.poll() is None, victim.communicate()[0]
         assert time.time() < deadline
         time.sleep(0.05)

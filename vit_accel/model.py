@@ -340,7 +340,8 @@ class ViT(nn.Module):
             feat = cfg.representation_size
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(feat, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
-        self.init_weights()
+        if not self.pos_embed.is_meta:  # meta tensors (sizes only) hold no values to initialize
+            self.init_weights()
 
     def init_weights(self) -> None:
         """timm / big_vision initialization: trunc-normal pos-embed (0.02 by default), tiny cls
