@@ -50,7 +50,9 @@ LOG20 ?= build/test-torch20.log
 # runs beside the main pass, its output in $(LOG20), printed after the main pass; either failing
 # fails the recipe. (Its commands are spelled out, not `$(MAKE) test-torch20`: make runs a line
 # naming $(MAKE) even under `make -n`.) The IPU backend's own tests run in that pass only: PopTorch
-# pins torch 2.0.1, so it is the IPU's environment (`make test-fast` runs them in this one).
+# pins torch 2.0.1, so it is the IPU's environment (`make test-fast` runs them in this one). The main
+# pass holds every other test, the cluster tests' torchrun and SLURM jobs among them; the heavy modules
+# start the workers' shares (tests/conftest.py).
 test: envs lint-py38
 	@mkdir -p $(dir $(LOG20)); rm -f $(LOG20) $(LOG20).rc; \
 	{ export OMP_NUM_THREADS=1; { $(TEST20_IPU) && $(TEST20_TRUST); } > $(LOG20) 2>&1; echo $$? > $(LOG20).rc; } & \
