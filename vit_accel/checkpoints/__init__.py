@@ -410,10 +410,7 @@ def inspect_checkpoint(path: str, format: str = "auto", **overrides) -> Dict[str
     """What a checkpoint holds: format, variant, sizes, classes, parameter count."""
     src = read(path, format)
     cfg = _infer(src, overrides)
-    try:
-        with torch.device("meta"):  # count parameters without allocating them
-            params = ViT(cfg).num_params()
-    except (RuntimeError, NotImplementedError):  # an init op with no meta kernel in an older torch
+    with torch.device("meta"):  # count parameters without allocating or initializing them
         params = ViT(cfg).num_params()
     return {"path": os.fspath(path), "format": src.format, "variant": cfg.name, "img_size": cfg.img_size,
             "patch_size": cfg.patch_size, "hybrid_layers": list(cfg.hybrid_layers), "qk_scale": cfg.qk_scale,
